@@ -1,0 +1,25 @@
+"""Meta-learning algorithms as client parts over parameter dicts; the server part is shared (`fedmeta.round`)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from fedmeta.algorithms.base import Algorithm
+from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
+from fedmeta.algorithms.meta_sgd import MetaSGD
+from fedmeta.algorithms.protonet import ProtoNet
+from fedmeta.algorithms.reptile import FedAvg, Reptile
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet)}
+BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
+
+
+def build_algorithm(name: str, model: nn.Module, *, kind: str, inner_lr: float, inner_steps: int) -> Algorithm:
+    registry = {**ALGORITHMS, **BASELINES}
+    if name not in registry:
+        raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return registry[name](model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+
+
+__all__ = ["ALGORITHMS", "ANIL", "FOMAML", "MAML", "Algorithm", "FedAvg", "MetaSGD", "ProtoNet", "Reptile",
+           "build_algorithm"]

@@ -1,0 +1,56 @@
+"""Reptile: Nichol, Achiam, Schulman 2018, arXiv:1803.02999.
+
+The client runs `inner_steps` steps of SGD on each task (support and query pooled: Reptile has no
+train/test split inside a task) and returns the pseudo-gradient `params - adapted`. With an outer SGD step
+of size epsilon the server moves towards the adapted weights: `params + epsilon * mean(adapted - params)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedmeta.algorithms.base import Algorithm
+from fedmeta.functional import adapt, forward
+from fedmeta.types import ClientUpdate, Params, Task
+
+
+class Reptile(Algorithm):
+    name = "reptile"
+
+    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        x = torch.cat([task.support_x, task.query_x])
+        y = torch.cat([task.support_y, task.query_y])
+        fast = adapt(self.model, self.loss_fn, params, x, y, steps=self.inner_steps, inner_lr=self.inner_lr)
+        pseudo_grad = {k: params[k] - fast[k] for k in params}
+        logits = forward(self.model, fast, x).detach()
+        return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
+
+
+class FedAvg(Algorithm):
+    """FedAvg (McMahan et al. 2017, arXiv:1602.05629) as the personalisation baseline, not a meta-learner.
+
+    Each `Task` is one local minibatch with global labels (support only); the client takes one SGD step per
+    minibatch and returns `params - local`. With outer SGD at lr 1 the server step is exactly FedAvg.
+    """
+
+    name = "fedavg"
+    data_kind = "batches"
+
+    def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
+        if not tasks:
+            raise ValueError("client_update needs at least one minibatch")
+        local = params
+        metrics = []
+        for batch in tasks:
+            local = adapt(self.model, self.loss_fn, local, batch.support_x, batch.support_y, steps=1,
+                          inner_lr=self.inner_lr)
+            logits = forward(self.model, local, batch.support_x).detach()
+            metrics.append(self._metrics(self.loss_fn(logits, batch.support_y), logits, batch.support_y))
+        mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        return ClientUpdate(direction={k: params[k] - local[k] for k in params}, num_tasks=len(tasks),
+                            metrics=mean_metrics)
+
+    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")

@@ -1,0 +1,216 @@
+"""Run configuration: one frozen dataclass per concern, each validated where it is built.
+
+Every check names the offending value, so a typo on the command line or in a preset fails before any work.
+Algorithm code never sees these objects whole; it receives the plain numbers it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("sinusoid", "omniglot")
+OPTIMIZERS = ("sgd", "adam")
+OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or inconsistent with another one."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _positive_int(name: str, value: Any) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value: Any) -> None:
+    _require(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+             and value > 0, f"{name} must be a positive finite number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which task family, and how it is split into clients."""
+
+    dataset: str = "sinusoid"
+    # Only read for real datasets; `None` means $FEDMETA_DATA_DIR, then ./data.
+    data_dir: str | None = None
+    # Sinusoid: clients are drawn afresh, so the number of clients is free.
+    num_train_clients: int = 50
+    num_unseen_clients: int = 20
+    # Sinusoid: each client owns a window of this fraction of the amplitude and phase ranges (non-IID).
+    client_window: float = 0.2
+    # Omniglot: one client per alphabet, or per (alphabet, group of drawers) for hundreds of clients.
+    partition: str = "alphabet"
+    drawers_per_client: int = 5
+
+    def __post_init__(self) -> None:
+        _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        _positive_int("num_train_clients", self.num_train_clients)
+        _positive_int("num_unseen_clients", self.num_unseen_clients)
+        _require(isinstance(self.client_window, int | float) and 0 < self.client_window <= 1,
+                 f"client_window must be in (0, 1], got {self.client_window!r}")
+        _require(self.partition in OMNIGLOT_PARTITIONS,
+                 f"partition must be one of {OMNIGLOT_PARTITIONS}, got {self.partition!r}")
+        _require(isinstance(self.drawers_per_client, int) and 1 <= self.drawers_per_client <= 20
+                 and 20 % self.drawers_per_client == 0,
+                 f"drawers_per_client must divide the 20 Omniglot drawers, got {self.drawers_per_client!r}")
+
+
+@dataclass(frozen=True)
+class EpisodeConfig:
+    """Shape of one task: N-way K-shot with Q queries per class (classification), or K-shot regression."""
+
+    ways: int = 5
+    shots: int = 10
+    queries: int = 10
+
+    def __post_init__(self) -> None:
+        _positive_int("ways", self.ways)
+        _positive_int("shots", self.shots)
+        _positive_int("queries", self.queries)
+
+
+@dataclass(frozen=True)
+class InnerConfig:
+    """The client's inner loop (task adaptation)."""
+
+    inner_steps: int = 5
+    inner_lr: float = 0.01
+    # Fine-tuning steps measured at evaluation time (accuracy/error after 0..eval_steps steps).
+    eval_steps: int = 10
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.inner_steps, int) and self.inner_steps >= 0,
+                 f"inner_steps must be a non-negative integer, got {self.inner_steps!r}")
+        _positive_float("inner_lr", self.inner_lr)
+        _require(isinstance(self.eval_steps, int) and self.eval_steps >= 0,
+                 f"eval_steps must be a non-negative integer, got {self.eval_steps!r}")
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The server's outer optimizer, whose state persists across rounds."""
+
+    optimizer: str = "adam"
+    outer_lr: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _positive_float("outer_lr", self.outer_lr)
+        _require(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1!r}")
+        _require(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2!r}")
+        _positive_float("eps", self.eps)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """Rounds and client sampling."""
+
+    rounds: int = 100
+    # An integer count of clients per round; `client_fraction` overrides it when set.
+    clients_per_round: int = 10
+    client_fraction: float | None = None
+    tasks_per_client: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _positive_int("rounds", self.rounds)
+        _positive_int("clients_per_round", self.clients_per_round)
+        if self.client_fraction is not None:
+            _require(isinstance(self.client_fraction, int | float) and 0 < self.client_fraction <= 1,
+                     f"client_fraction must be in (0, 1], got {self.client_fraction!r}")
+        _positive_int("tasks_per_client", self.tasks_per_client)
+        _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+
+    def clients_in_round(self, num_clients: int) -> int:
+        """How many of `num_clients` take part in one round (at least one, at most all)."""
+        if self.client_fraction is not None:
+            return max(1, min(num_clients, round(self.client_fraction * num_clients)))
+        return min(num_clients, self.clients_per_round)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Personalised evaluation on unseen clients and the FedAvg baseline it is compared with."""
+
+    eval_clients: int = 20
+    eval_tasks_per_client: int = 10
+    # FedAvg baseline: rounds and local SGD steps per client; 0 rounds skips the baseline.
+    fedavg_rounds: int | None = None  # None: as many rounds as the meta-learning run
+    fedavg_local_steps: int = 5
+    fedavg_lr: float = 0.01
+    fedavg_batch: int = 32
+
+    def __post_init__(self) -> None:
+        _positive_int("eval_clients", self.eval_clients)
+        _positive_int("eval_tasks_per_client", self.eval_tasks_per_client)
+        if self.fedavg_rounds is not None:
+            _require(isinstance(self.fedavg_rounds, int) and self.fedavg_rounds >= 0,
+                     f"fedavg_rounds must be a non-negative integer, got {self.fedavg_rounds!r}")
+        _positive_int("fedavg_local_steps", self.fedavg_local_steps)
+        _positive_float("fedavg_lr", self.fedavg_lr)
+        _positive_int("fedavg_batch", self.fedavg_batch)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one run needs; saved beside every checkpoint so a run can be evaluated or repeated."""
+
+    algorithm: str = "reptile"
+    data: DataConfig = field(default_factory=DataConfig)
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
+
+        _require(self.algorithm in ALGORITHMS,
+                 f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.algorithm == "protonet":
+            _require(self.data.dataset != "sinusoid",
+                     "protonet is a classification method; it cannot run on the sinusoid regression family")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from nested dicts (a checkpoint or a TOML preset); unknown keys are an error."""
+        sections = {"data": DataConfig, "episode": EpisodeConfig, "inner": InnerConfig, "outer": OuterConfig,
+                    "federation": FederationConfig, "eval": EvalConfig}
+        unknown = set(raw) - set(sections) - {"algorithm"}
+        _require(not unknown, f"unknown config section(s): {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        if "algorithm" in raw:
+            kwargs["algorithm"] = raw["algorithm"]
+        for name, section_cls in sections.items():
+            values = raw.get(name, {})
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            bad = set(values) - known
+            _require(not bad, f"unknown key(s) in [{name}]: {sorted(bad)}; known: {sorted(known)}")
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+    def replace(self, **overrides: Any) -> RunConfig:
+        """Return a copy with dotted overrides applied, e.g. `{"inner.inner_lr": 0.1}`."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.rpartition(".")
+            target = raw[section] if section else raw
+            _require(key in target, f"unknown config key {dotted!r}")
+            target[key] = value
+        return RunConfig.from_dict(raw)

@@ -1,0 +1,77 @@
+"""The two architectures of the MAML paper (Finn et al. 2017, arXiv:1703.03400).
+
+Both end in a layer named `head`, the part ANIL adapts and the part a transferred model replaces.
+Batch norm keeps no running statistics: it always normalises with the statistics of the batch it sees, as in
+the MAML and Reptile reference code (transductive), so the model is a pure function of its parameters.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedmeta.types import Params
+
+
+class SinusoidMLP(nn.Module):
+    """1-40-40-1 with ReLU, for sinusoid regression."""
+
+    def __init__(self, hidden: int = 40) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, 1) -> (n, 1)
+        return self.head(self.body(x))
+
+
+def _conv_block(in_channels: int, channels: int, downsample: str) -> nn.Sequential:
+    stride = 2 if downsample == "stride" else 1
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1),
+        nn.BatchNorm2d(channels, track_running_stats=False),
+        nn.ReLU(),
+    ]
+    if downsample == "maxpool":
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+class Conv4(nn.Module):
+    """4 x [3x3 conv, batch norm, ReLU, stride-2 conv or 2x2 max-pool], then a linear head.
+
+    With `out_features=None` there is no head: the flattened features are the output (ProtoNet's embedding).
+    On 28x28 inputs: stride gives 64x2x2 = 256 features (MAML's Omniglot net); maxpool gives 64x1x1.
+    """
+
+    def __init__(self, out_features: int | None, *, channels: int = 64, downsample: str = "stride",
+                 in_channels: int = 1, image_size: int = 28) -> None:
+        super().__init__()
+        if downsample not in ("stride", "maxpool"):
+            raise ValueError(f"downsample must be 'stride' or 'maxpool', got {downsample!r}")
+        self.body = nn.Sequential(*[_conv_block(in_channels if i == 0 else channels, channels, downsample)
+                                    for i in range(4)], nn.Flatten())
+        with torch.no_grad():
+            self.num_features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+        self.head = nn.Linear(self.num_features, out_features) if out_features is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, 1, 28, 28) -> (n, out_features)
+        return self.head(self.body(x))
+
+
+def build_model(dataset: str, *, out_features: int | None, downsample: str = "stride") -> nn.Module:
+    if dataset == "sinusoid":
+        return SinusoidMLP()
+    if dataset == "omniglot":
+        return Conv4(out_features, downsample=downsample)
+    raise ValueError(f"no model for dataset {dataset!r}")
+
+
+def init_params(model: nn.Module, generator: torch.Generator) -> Params:
+    """Freshly initialised parameters drawn from `generator` (PyTorch's default init, seeded explicitly)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+        for module in model.modules():
+            if hasattr(module, "reset_parameters") and module is not model:
+                module.reset_parameters()
+        return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -1,0 +1,80 @@
+"""The server part shared by every algorithm and every transport: `apply_round(state, updates)`.
+
+Aggregate the clients' directions weighted by task count, then take one outer-optimizer step. Updates are
+sorted by client id first, so the float result does not depend on the order in which replies arrived.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from fedmeta.functional import tree_mean
+from fedmeta.server_opt import OptState, OuterOptimizer
+from fedmeta.types import ClientUpdate, Params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server must keep between rounds; checkpointed whole."""
+
+    params: Params
+    opt_state: OptState
+    round: int = 0
+
+
+class RejectedUpdate(ValueError):
+    """A client update that must not reach the meta-parameters."""
+
+
+def check_update(update: ClientUpdate, params: Params) -> None:
+    """Reject updates whose keys, shapes or dtypes differ from the model's, or that hold NaN/Inf."""
+    if set(update.direction) != set(params):
+        raise RejectedUpdate(f"keys differ from the model's: missing {sorted(set(params) - set(update.direction))}, "
+                             f"extra {sorted(set(update.direction) - set(params))}")
+    for k, v in update.direction.items():
+        if v.shape != params[k].shape or v.dtype != params[k].dtype:
+            raise RejectedUpdate(f"{k}: got {tuple(v.shape)} {v.dtype}, expected {tuple(params[k].shape)} {params[k].dtype}")
+        if not torch.isfinite(v).all():
+            raise RejectedUpdate(f"{k} holds NaN or Inf")
+    if update.num_tasks <= 0:
+        raise RejectedUpdate(f"num_tasks must be positive, got {update.num_tasks}")
+
+
+def init_state(params: Params, optimizer: OuterOptimizer) -> ServerState:
+    return ServerState(params=params, opt_state=optimizer.init(params), round=0)
+
+
+def apply_round(state: ServerState, updates: Sequence[tuple[str, ClientUpdate]], optimizer: OuterOptimizer,
+                ) -> tuple[ServerState, dict[str, float]]:
+    """One outer step from `(client_id, update)` pairs; bad updates are logged and left out.
+
+    A round with no acceptable update leaves the state unchanged (and says so in the metrics) rather than
+    stepping on an empty average.
+    """
+    accepted: list[tuple[str, ClientUpdate]] = []
+    for client_id, update in sorted(updates, key=lambda pair: pair[0]):
+        try:
+            check_update(update, state.params)
+        except RejectedUpdate as reason:
+            log.warning("round %d: rejected update from client %s: %s", state.round + 1, client_id, reason)
+            continue
+        accepted.append((client_id, update))
+    metrics: dict[str, float] = {"clients": len(accepted), "rejected": len(updates) - len(accepted)}
+    if not accepted:
+        log.warning("round %d: no acceptable update; meta-parameters unchanged", state.round + 1)
+        return replace(state, round=state.round + 1), metrics
+    weights = [float(u.num_tasks) for _, u in accepted]
+    direction = tree_mean([u.direction for _, u in accepted], weights)
+    params, opt_state = optimizer.step(state.params, direction, state.opt_state)
+    metrics["tasks"] = sum(weights)
+    metrics["direction_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in direction.values()))
+    for name in accepted[0][1].metrics:
+        metrics[name] = sum(w * u.metrics[name] for w, (_, u) in zip(weights, accepted, strict=True)) / sum(weights)
+    return ServerState(params=params, opt_state=opt_state, round=state.round + 1), metrics

@@ -1,0 +1,60 @@
+"""The client-data contract shared by every task family."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+from torch import Tensor
+
+from fedmeta.types import Task
+
+
+class DataError(RuntimeError):
+    """Benchmark data is missing, corrupt, or cannot supply the requested tasks."""
+
+
+class ClientData(Protocol):
+    """One client's private data, seen only through the tasks it samples."""
+
+    client_id: str
+
+    def sample_task(self, rng: np.random.Generator, *, ways: int, shots: int, queries: int) -> Task:
+        """One episode: `ways` classes x (`shots` support + `queries` query) examples, or K-shot regression."""
+        ...
+
+    def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
+        """A plain supervised minibatch with global labels, for the FedAvg baseline."""
+        ...
+
+    def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
+        """Raise `DataError` if this client cannot supply such episodes."""
+        ...
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Train clients (who shape the meta-model) and unseen clients (who only ever evaluate it)."""
+
+    name: str
+    kind: Literal["regression", "classification"]
+    train_clients: Sequence[ClientData]
+    unseen_clients: Sequence[ClientData]
+    # Size of the FedAvg baseline's output layer: classes in the global label space, or 1 for regression.
+    num_global_outputs: int
+
+    def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
+        for client in [*self.train_clients, *self.unseen_clients]:
+            client.check_episode(ways=ways, shots=shots, queries=queries)
+
+
+def task_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:
+    """A generator determined by (run seed, purpose, round, client, ...), never by call order.
+
+    `stream` separates purposes (training tasks, evaluation tasks, client sampling) so that drawing more of
+    one never shifts another.
+    """
+    stream_id = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+    return np.random.default_rng([seed, stream_id, *indices])

@@ -1,0 +1,1 @@
+"""Entry points that run federations: the in-process loop and the `fedmeta` command line."""
