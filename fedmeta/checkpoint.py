@@ -23,12 +23,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or was written by something else."""
 
 
-def save_checkpoint(path: Path | str, *, config: RunConfig, state: ServerState,
-                    baselines: dict[str, Params] | None = None) -> None:
+def save_checkpoint(
+    path: Path | str, *, config: RunConfig, state: ServerState, baselines: dict[str, Params] | None = None
+) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "config": config.to_dict(), "round": state.round, "params": state.params,
-               "opt_state": state.opt_state, "baselines": baselines or {}}
+    payload = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "round": state.round,
+        "params": state.params,
+        "opt_state": state.opt_state,
+        "baselines": baselines or {},
+    }
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(payload, partial)
     os.replace(partial, path)

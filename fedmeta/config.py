@@ -26,13 +26,17 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _positive_int(name: str, value: Any) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             f"{name} must be a positive integer, got {value!r}")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{name} must be a positive integer, got {value!r}",
+    )
 
 
 def _positive_float(name: str, value: Any) -> None:
-    _require(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-             and value > 0, f"{name} must be a positive finite number, got {value!r}")
+    _require(
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0,
+        f"{name} must be a positive finite number, got {value!r}",
+    )
 
 
 @dataclass(frozen=True)
@@ -55,13 +59,20 @@ class DataConfig:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         _positive_int("num_train_clients", self.num_train_clients)
         _positive_int("num_unseen_clients", self.num_unseen_clients)
-        _require(isinstance(self.client_window, int | float) and 0 < self.client_window <= 1,
-                 f"client_window must be in (0, 1], got {self.client_window!r}")
-        _require(self.partition in OMNIGLOT_PARTITIONS,
-                 f"partition must be one of {OMNIGLOT_PARTITIONS}, got {self.partition!r}")
-        _require(isinstance(self.drawers_per_client, int) and 1 <= self.drawers_per_client <= 20
-                 and 20 % self.drawers_per_client == 0,
-                 f"drawers_per_client must divide the 20 Omniglot drawers, got {self.drawers_per_client!r}")
+        _require(
+            isinstance(self.client_window, int | float) and 0 < self.client_window <= 1,
+            f"client_window must be in (0, 1], got {self.client_window!r}",
+        )
+        _require(
+            self.partition in OMNIGLOT_PARTITIONS,
+            f"partition must be one of {OMNIGLOT_PARTITIONS}, got {self.partition!r}",
+        )
+        _require(
+            isinstance(self.drawers_per_client, int)
+            and 1 <= self.drawers_per_client <= 20
+            and 20 % self.drawers_per_client == 0,
+            f"drawers_per_client must divide the 20 Omniglot drawers, got {self.drawers_per_client!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,15 @@ class InnerConfig:
     eval_steps: int = 10
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.inner_steps, int) and self.inner_steps >= 0,
-                 f"inner_steps must be a non-negative integer, got {self.inner_steps!r}")
+        _require(
+            isinstance(self.inner_steps, int) and self.inner_steps >= 0,
+            f"inner_steps must be a non-negative integer, got {self.inner_steps!r}",
+        )
         _positive_float("inner_lr", self.inner_lr)
-        _require(isinstance(self.eval_steps, int) and self.eval_steps >= 0,
-                 f"eval_steps must be a non-negative integer, got {self.eval_steps!r}")
+        _require(
+            isinstance(self.eval_steps, int) and self.eval_steps >= 0,
+            f"eval_steps must be a non-negative integer, got {self.eval_steps!r}",
+        )
 
 
 @dataclass(frozen=True)
@@ -128,10 +143,14 @@ class FederationConfig:
         _positive_int("rounds", self.rounds)
         _positive_int("clients_per_round", self.clients_per_round)
         if self.client_fraction is not None:
-            _require(isinstance(self.client_fraction, int | float) and 0 < self.client_fraction <= 1,
-                     f"client_fraction must be in (0, 1], got {self.client_fraction!r}")
+            _require(
+                isinstance(self.client_fraction, int | float) and 0 < self.client_fraction <= 1,
+                f"client_fraction must be in (0, 1], got {self.client_fraction!r}",
+            )
         _positive_int("tasks_per_client", self.tasks_per_client)
-        _require(isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}")
+        _require(
+            isinstance(self.seed, int) and self.seed >= 0, f"seed must be a non-negative integer, got {self.seed!r}"
+        )
 
     def clients_in_round(self, num_clients: int) -> int:
         """How many of `num_clients` take part in one round (at least one, at most all)."""
@@ -151,13 +170,24 @@ class EvalConfig:
     fedavg_local_steps: int = 5
     fedavg_lr: float = 0.01
     fedavg_batch: int = 32
+    # Learning curve: every `curve_every` rounds, score the meta-model on `curve_tasks_per_client` tasks of
+    # each unseen client (after `inner_steps` steps) and log it; 0 turns the curve off.
+    curve_every: int = 0
+    curve_tasks_per_client: int = 2
 
     def __post_init__(self) -> None:
         _positive_int("eval_clients", self.eval_clients)
+        _require(
+            isinstance(self.curve_every, int) and self.curve_every >= 0,
+            f"curve_every must be a non-negative integer, got {self.curve_every!r}",
+        )
+        _positive_int("curve_tasks_per_client", self.curve_tasks_per_client)
         _positive_int("eval_tasks_per_client", self.eval_tasks_per_client)
         if self.fedavg_rounds is not None:
-            _require(isinstance(self.fedavg_rounds, int) and self.fedavg_rounds >= 0,
-                     f"fedavg_rounds must be a non-negative integer, got {self.fedavg_rounds!r}")
+            _require(
+                isinstance(self.fedavg_rounds, int) and self.fedavg_rounds >= 0,
+                f"fedavg_rounds must be a non-negative integer, got {self.fedavg_rounds!r}",
+            )
         _positive_int("fedavg_local_steps", self.fedavg_local_steps)
         _positive_float("fedavg_lr", self.fedavg_lr)
         _positive_int("fedavg_batch", self.fedavg_batch)
@@ -178,11 +208,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
 
-        _require(self.algorithm in ALGORITHMS,
-                 f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        _require(self.algorithm in ALGORITHMS, f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
         if self.algorithm == "protonet":
-            _require(self.data.dataset != "sinusoid",
-                     "protonet is a classification method; it cannot run on the sinusoid regression family")
+            _require(
+                self.data.dataset != "sinusoid",
+                "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,8 +221,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
         """Build from nested dicts (a checkpoint or a TOML preset); unknown keys are an error."""
-        sections = {"data": DataConfig, "episode": EpisodeConfig, "inner": InnerConfig, "outer": OuterConfig,
-                    "federation": FederationConfig, "eval": EvalConfig}
+        sections = {
+            "data": DataConfig,
+            "episode": EpisodeConfig,
+            "inner": InnerConfig,
+            "outer": OuterConfig,
+            "federation": FederationConfig,
+            "eval": EvalConfig,
+        }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")
         kwargs: dict[str, Any] = {}

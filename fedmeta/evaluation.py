@@ -28,9 +28,19 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     return {"mean": float(array.mean()), "ci95": float(half), "n": int(array.size)}
 
 
-def personalised_curves(algorithm: Algorithm, models: Mapping[str, Params], clients: Sequence[ClientData], *,
-                        seed: int, tasks_per_client: int, ways: int, shots: int, queries: int, steps: int,
-                        on_client: Callable[[], None] | None = None) -> dict[str, np.ndarray]:
+def personalised_curves(
+    algorithm: Algorithm,
+    models: Mapping[str, Params],
+    clients: Sequence[ClientData],
+    *,
+    seed: int,
+    tasks_per_client: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    steps: int,
+    on_client: Callable[[], None] | None = None,
+) -> dict[str, np.ndarray]:
     """Metric after 0..steps steps for every (client, task): {model name: array (clients, tasks, steps + 1)}."""
     curves = {name: np.zeros((len(clients), tasks_per_client, steps + 1)) for name in models}
     for c, client in enumerate(clients):
@@ -48,5 +58,9 @@ def summarise(curves: np.ndarray, metric: str) -> dict[str, object]:
     """Per-step mean/CI over tasks and over client means, for one model's (clients, tasks, steps+1) array."""
     per_step_tasks = [mean_ci95(curves[:, :, s].reshape(-1)) for s in range(curves.shape[2])]
     per_step_clients = [mean_ci95(curves[:, :, s].mean(axis=1)) for s in range(curves.shape[2])]
-    return {"metric": metric, "steps": list(range(curves.shape[2])), "over_tasks": per_step_tasks,
-            "over_clients": per_step_clients}
+    return {
+        "metric": metric,
+        "steps": list(range(curves.shape[2])),
+        "over_tasks": per_step_tasks,
+        "over_clients": per_step_clients,
+    }

@@ -73,12 +73,19 @@ def adapt_trajectory(
         yield fast
 
 
-def adapt(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, *, steps: int,
-          inner_lr: float | Params, adapt_keys: Collection[str] | None = None) -> Params:
+def adapt(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    inner_lr: float | Params,
+    adapt_keys: Collection[str] | None = None,
+) -> Params:
     """The fast weights after `steps` steps (the last element of `adapt_trajectory`)."""
-    fast = params
-    for fast in adapt_trajectory(model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys):
-        pass
+    *_, fast = adapt_trajectory(model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys)
     return fast
 
 
@@ -95,5 +102,7 @@ def tree_mean(trees: list[Params], weights: list[float] | None = None) -> Params
         raise ValueError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
     w = w / w.sum()
     keys = trees[0].keys()
-    return {k: sum((wi * t[k].double() for wi, t in zip(w, trees, strict=True)), torch.zeros(())).to(trees[0][k].dtype)
-            for k in keys}
+    return {
+        k: sum((wi * t[k].double() for wi, t in zip(w, trees, strict=True)), torch.zeros(())).to(trees[0][k].dtype)
+        for k in keys
+    }

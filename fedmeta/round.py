@@ -36,11 +36,15 @@ class RejectedUpdate(ValueError):
 def check_update(update: ClientUpdate, params: Params) -> None:
     """Reject updates whose keys, shapes or dtypes differ from the model's, or that hold NaN/Inf."""
     if set(update.direction) != set(params):
-        raise RejectedUpdate(f"keys differ from the model's: missing {sorted(set(params) - set(update.direction))}, "
-                             f"extra {sorted(set(update.direction) - set(params))}")
+        raise RejectedUpdate(
+            f"keys differ from the model's: missing {sorted(set(params) - set(update.direction))}, "
+            f"extra {sorted(set(update.direction) - set(params))}"
+        )
     for k, v in update.direction.items():
         if v.shape != params[k].shape or v.dtype != params[k].dtype:
-            raise RejectedUpdate(f"{k}: got {tuple(v.shape)} {v.dtype}, expected {tuple(params[k].shape)} {params[k].dtype}")
+            raise RejectedUpdate(
+                f"{k}: got {tuple(v.shape)} {v.dtype}, expected {tuple(params[k].shape)} {params[k].dtype}"
+            )
         if not torch.isfinite(v).all():
             raise RejectedUpdate(f"{k} holds NaN or Inf")
     if update.num_tasks <= 0:
@@ -51,8 +55,11 @@ def init_state(params: Params, optimizer: OuterOptimizer) -> ServerState:
     return ServerState(params=params, opt_state=optimizer.init(params), round=0)
 
 
-def apply_round(state: ServerState, updates: Sequence[tuple[str, ClientUpdate]], optimizer: OuterOptimizer,
-                ) -> tuple[ServerState, dict[str, float]]:
+def apply_round(
+    state: ServerState,
+    updates: Sequence[tuple[str, ClientUpdate]],
+    optimizer: OuterOptimizer,
+) -> tuple[ServerState, dict[str, float]]:
     """One outer step from `(client_id, update)` pairs; bad updates are logged and left out.
 
     A round with no acceptable update leaves the state unchanged (and says so in the metrics) rather than

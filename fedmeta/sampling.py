@@ -16,8 +16,17 @@ def sample_clients(*, seed: int, round_index: int, num_clients: int, count: int)
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
-def local_tasks(client: ClientData, rng: np.random.Generator, *, data_kind: str, num_tasks: int, ways: int,
-                shots: int, queries: int, batch_size: int) -> list[Task]:
+def local_tasks(
+    client: ClientData,
+    rng: np.random.Generator,
+    *,
+    data_kind: str,
+    num_tasks: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    batch_size: int,
+) -> list[Task]:
     """A client's local work for one round: few-shot episodes, or minibatches for the FedAvg baseline.
 
     A minibatch travels as a `Task` whose support set is the batch and whose query set is empty.

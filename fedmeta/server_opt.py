@@ -40,8 +40,10 @@ class OuterOptimizer:
     def step(self, params: Params, direction: Params, state: OptState) -> tuple[Params, OptState]:
         """Apply one step along `-direction`; returns new params and new state (inputs are not modified)."""
         if set(direction) != set(params):
-            raise ValueError(f"direction keys differ from parameter keys: "
-                             f"missing {sorted(set(params) - set(direction))}, extra {sorted(set(direction) - set(params))}")
+            raise ValueError(
+                f"direction keys differ from parameter keys: "
+                f"missing {sorted(set(params) - set(direction))}, extra {sorted(set(direction) - set(params))}"
+            )
         step = state["step"] + 1
         if self.name == "sgd":
             return {k: params[k] - self.lr * direction[k] for k in params}, {"step": step}
@@ -49,5 +51,7 @@ class OuterOptimizer:
         exp_avg_sq = {k: self.beta2 * state["exp_avg_sq"][k] + (1 - self.beta2) * direction[k] ** 2 for k in params}
         bias1 = 1 - self.beta1**step
         bias2 = 1 - self.beta2**step
-        new = {k: params[k] - (self.lr / bias1) * exp_avg[k] / ((exp_avg_sq[k] / bias2).sqrt() + self.eps) for k in params}
+        new = {
+            k: params[k] - (self.lr / bias1) * exp_avg[k] / ((exp_avg_sq[k] / bias2).sqrt() + self.eps) for k in params
+        }
         return new, {"step": step, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}

@@ -44,6 +44,7 @@ OPTION_MAP = {
     "eval_clients": "eval.eval_clients",
     "eval_tasks": "eval.eval_tasks_per_client",
     "fedavg_rounds": "eval.fedavg_rounds",
+    "curve_every": "eval.curve_every",
 }
 
 
@@ -53,8 +54,11 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
     if path.suffix != ".toml":
         resource = resources.files("simulations") / "presets" / f"{name_or_path}.toml"
         if not resource.is_file():
-            known = sorted(p.name.removesuffix(".toml") for p in (resources.files("simulations") / "presets").iterdir()
-                           if p.name.endswith(".toml"))
+            known = sorted(
+                p.name.removesuffix(".toml")
+                for p in (resources.files("simulations") / "presets").iterdir()
+                if p.name.endswith(".toml")
+            )
             raise ConfigError(f"unknown preset {name_or_path!r}; known presets: {known}")
         return tomllib.loads(resource.read_text())
     if not path.is_file():
@@ -67,7 +71,9 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     base = RunConfig.from_dict(load_preset(args.preset))
-    overrides = {field: getattr(args, dest) for dest, field in OPTION_MAP.items() if getattr(args, dest, None) is not None}
+    overrides = {
+        field: getattr(args, dest) for dest, field in OPTION_MAP.items() if getattr(args, dest, None) is not None
+    }
     return base.replace(**overrides)
 
 
@@ -76,7 +82,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--algorithm", choices=["maml", "fomaml", "reptile", "metasgd", "anil", "protonet"])
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir", help="benchmark data directory (default: $FEDMETA_DATA_DIR, then ./data)")
-    p.add_argument("--partition", choices=OMNIGLOT_PARTITIONS, help="Omniglot clients: per alphabet or alphabet x drawers")
+    p.add_argument(
+        "--partition", choices=OMNIGLOT_PARTITIONS, help="Omniglot clients: per alphabet or alphabet x drawers"
+    )
     p.add_argument("--drawers-per-client", type=int)
     p.add_argument("--num-train-clients", type=int, help="sinusoid: number of training clients")
     p.add_argument("--num-unseen-clients", type=int, help="sinusoid: number of unseen clients")
@@ -96,6 +104,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-clients", type=int)
     p.add_argument("--eval-tasks", type=int, help="tasks per unseen client at evaluation")
     p.add_argument("--fedavg-rounds", type=int, help="rounds of the FedAvg baseline (0 skips it)")
+    p.add_argument("--curve-every", type=int, help="score unseen clients every N rounds (learning curve)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-steps", type=int)
     ev.add_argument("--eval-clients", type=int)
     ev.add_argument("--eval-tasks", type=int)
+    ev.add_argument("--ways", type=int, help="evaluate on other episodes than trained on (ProtoNet: any ways)")
+    ev.add_argument("--shots", type=int)
+    ev.add_argument("--queries", type=int)
     ev.add_argument("--no-progress", action="store_true")
 
     dl = sub.add_parser("download", help="fetch benchmark data into a data directory")
@@ -126,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     # Heavy imports after parsing, so `fedmeta --help` is instant.
     from simulations.inprocess import evaluate_checkpoint, format_summary, simulate
 
@@ -135,11 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             config = config_from_args(args)
             summary = simulate(config, args.out, progress=not args.no_progress)
             print(format_summary(summary))
-            print(f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "
-                  f"checkpoint: {Path(args.out) / 'checkpoint.pt'}")
+            print(
+                f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "
+                f"checkpoint: {Path(args.out) / 'checkpoint.pt'}"
+            )
         elif args.command == "evaluate":
-            overrides = {OPTION_MAP[d]: getattr(args, d) for d in ("data_dir", "eval_steps", "eval_clients", "eval_tasks")
-                         if getattr(args, d) is not None}
+            overrides = {
+                OPTION_MAP[d]: getattr(args, d)
+                for d in ("data_dir", "eval_steps", "eval_clients", "eval_tasks", "ways", "shots", "queries")
+                if getattr(args, d) is not None
+            }
             summary = evaluate_checkpoint(args.checkpoint, args.out, progress=not args.no_progress, overrides=overrides)
             print(format_summary(summary))
         elif args.command == "download":

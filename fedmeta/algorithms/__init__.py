@@ -21,5 +21,15 @@ def build_algorithm(name: str, model: nn.Module, *, kind: str, inner_lr: float, 
     return registry[name](model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
 
 
-__all__ = ["ALGORITHMS", "ANIL", "FOMAML", "MAML", "Algorithm", "FedAvg", "MetaSGD", "ProtoNet", "Reptile",
-           "build_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "ANIL",
+    "FOMAML",
+    "MAML",
+    "Algorithm",
+    "FedAvg",
+    "MetaSGD",
+    "ProtoNet",
+    "Reptile",
+    "build_algorithm",
+]

@@ -66,9 +66,16 @@ class Algorithm(ABC):
     def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
         """Query predictions after 0..steps adaptation steps on the support set."""
         weights = self.model_params(params)
-        trajectory = adapt_trajectory(self.model, self.loss_fn, weights, task.support_x, task.support_y,
-                                      steps=steps, inner_lr=self.adaptation_lr(params),
-                                      adapt_keys=self.adapt_keys(weights))
+        trajectory = adapt_trajectory(
+            self.model,
+            self.loss_fn,
+            weights,
+            task.support_x,
+            task.support_y,
+            steps=steps,
+            inner_lr=self.adaptation_lr(params),
+            adapt_keys=self.adapt_keys(weights),
+        )
         return [forward(self.model, fast, task.query_x).detach() for fast in trajectory]
 
     def evaluate_curve(self, params: Params, task: Task, steps: int) -> list[float]:

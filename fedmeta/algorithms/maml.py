@@ -25,8 +25,16 @@ class MAML(Algorithm):
 
     def _adapted_query_loss(self, params: Params, task: Task) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         weights = self.model_params(params)
-        fast = adapt(self.model, self.loss_fn, weights, task.support_x, task.support_y, steps=self.inner_steps,
-                     inner_lr=self.adaptation_lr(params), adapt_keys=self.adapt_keys(weights))
+        fast = adapt(
+            self.model,
+            self.loss_fn,
+            weights,
+            task.support_x,
+            task.support_y,
+            steps=self.inner_steps,
+            inner_lr=self.adaptation_lr(params),
+            adapt_keys=self.adapt_keys(weights),
+        )
         logits = forward(self.model, fast, task.query_x)
         loss = self.loss_fn(logits, task.query_y)
         return loss, (loss.detach(), logits.detach())
@@ -35,8 +43,16 @@ class MAML(Algorithm):
         if self.first_order:
             # By definition: adapt with no graph (plain tensors out), then differentiate at the adapted point.
             weights = self.model_params(params)
-            fast = adapt(self.model, self.loss_fn, weights, task.support_x, task.support_y,
-                         steps=self.inner_steps, inner_lr=self.adaptation_lr(params), adapt_keys=self.adapt_keys(weights))
+            fast = adapt(
+                self.model,
+                self.loss_fn,
+                weights,
+                task.support_x,
+                task.support_y,
+                steps=self.inner_steps,
+                inner_lr=self.adaptation_lr(params),
+                adapt_keys=self.adapt_keys(weights),
+            )
 
             def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
                 logits = forward(self.model, p, task.query_x)

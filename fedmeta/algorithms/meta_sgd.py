@@ -27,4 +27,4 @@ class MetaSGD(MAML):
         return {k: v for k, v in params.items() if not k.startswith(LR_PREFIX)}
 
     def adaptation_lr(self, params: Params) -> Params:
-        return {k[len(LR_PREFIX):]: v for k, v in params.items() if k.startswith(LR_PREFIX)}
+        return {k[len(LR_PREFIX) :]: v for k, v in params.items() if k.startswith(LR_PREFIX)}

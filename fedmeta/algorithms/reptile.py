@@ -44,13 +44,15 @@ class FedAvg(Algorithm):
         local = params
         metrics = []
         for batch in tasks:
-            local = adapt(self.model, self.loss_fn, local, batch.support_x, batch.support_y, steps=1,
-                          inner_lr=self.inner_lr)
+            local = adapt(
+                self.model, self.loss_fn, local, batch.support_x, batch.support_y, steps=1, inner_lr=self.inner_lr
+            )
             logits = forward(self.model, local, batch.support_x).detach()
             metrics.append(self._metrics(self.loss_fn(logits, batch.support_y), logits, batch.support_y))
         mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-        return ClientUpdate(direction={k: params[k] - local[k] for k in params}, num_tasks=len(tasks),
-                            metrics=mean_metrics)
+        return ClientUpdate(
+            direction={k: params[k] - local[k] for k in params}, num_tasks=len(tasks), metrics=mean_metrics
+        )
 
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")

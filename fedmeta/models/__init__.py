@@ -44,13 +44,21 @@ class Conv4(nn.Module):
     On 28x28 inputs: stride gives 64x2x2 = 256 features (MAML's Omniglot net); maxpool gives 64x1x1.
     """
 
-    def __init__(self, out_features: int | None, *, channels: int = 64, downsample: str = "stride",
-                 in_channels: int = 1, image_size: int = 28) -> None:
+    def __init__(
+        self,
+        out_features: int | None,
+        *,
+        channels: int = 64,
+        downsample: str = "stride",
+        in_channels: int = 1,
+        image_size: int = 28,
+    ) -> None:
         super().__init__()
         if downsample not in ("stride", "maxpool"):
             raise ValueError(f"downsample must be 'stride' or 'maxpool', got {downsample!r}")
-        self.body = nn.Sequential(*[_conv_block(in_channels if i == 0 else channels, channels, downsample)
-                                    for i in range(4)], nn.Flatten())
+        self.body = nn.Sequential(
+            *[_conv_block(in_channels if i == 0 else channels, channels, downsample) for i in range(4)], nn.Flatten()
+        )
         with torch.no_grad():
             self.num_features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
         self.head = nn.Linear(self.num_features, out_features) if out_features is not None else nn.Identity()
@@ -72,6 +80,7 @@ def init_params(model: nn.Module, generator: torch.Generator) -> Params:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
         for module in model.modules():
-            if hasattr(module, "reset_parameters") and module is not model:
-                module.reset_parameters()
+            reset = getattr(module, "reset_parameters", None)
+            if callable(reset) and module is not model:
+                reset()
         return {name: p.detach().clone() for name, p in model.named_parameters()}

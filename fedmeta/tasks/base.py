@@ -19,7 +19,10 @@ class DataError(RuntimeError):
 class ClientData(Protocol):
     """One client's private data, seen only through the tasks it samples."""
 
-    client_id: str
+    @property
+    def client_id(self) -> str:
+        """A stable, unique name; the server sorts replies by it."""
+        ...
 
     def sample_task(self, rng: np.random.Generator, *, ways: int, shots: int, queries: int) -> Task:
         """One episode: `ways` classes x (`shots` support + `queries` query) examples, or K-shot regression."""

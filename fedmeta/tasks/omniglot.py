@@ -37,10 +37,14 @@ DRAWERS = 20
 ROTATIONS = 4
 IMAGE_SIZE = 28
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/images_{split}.zip"
-HOW_TO_GET = ("Get it with `fedmeta download omniglot --data-dir DIR` (or place the official "
-              "images_background.zip and images_evaluation.zip in DIR/omniglot/), then pass --data-dir DIR "
-              "or set FEDMETA_DATA_DIR=DIR.")
-_NAME = re.compile(r"^images_(?P<split>\w+)/(?P<alphabet>[^/]+)/character(?P<char>\d+)/(?P<id>\d{4})_(?P<drawer>\d{2})\.png$")
+HOW_TO_GET = (
+    "Get it with `fedmeta download omniglot --data-dir DIR` (or place the official "
+    "images_background.zip and images_evaluation.zip in DIR/omniglot/), then pass --data-dir DIR "
+    "or set FEDMETA_DATA_DIR=DIR."
+)
+_NAME = re.compile(
+    r"^images_(?P<split>\w+)/(?P<alphabet>[^/]+)/character(?P<char>\d+)/(?P<id>\d{4})_(?P<drawer>\d{2})\.png$"
+)
 _CACHE_VERSION = 1
 
 
@@ -81,12 +85,16 @@ def _decode_zip(path: Path, split: str) -> OmniglotSplit:
     except (zipfile.BadZipFile, OSError, KeyError) as error:
         raise DataError(f"Omniglot archive {path} is corrupt or unreadable ({error}). {HOW_TO_GET}") from error
     if not drawings:
-        raise DataError(f"Omniglot archive {path} holds no images_{split}/<alphabet>/characterNN/*.png files. {HOW_TO_GET}")
+        raise DataError(
+            f"Omniglot archive {path} holds no images_{split}/<alphabet>/characterNN/*.png files. {HOW_TO_GET}"
+        )
     names = tuple(sorted(drawings))
     incomplete = [n for n in names if sorted(drawings[n]) != list(range(DRAWERS))]
     if incomplete:
-        raise DataError(f"Omniglot archive {path}: {len(incomplete)} character(s) lack some of the {DRAWERS} "
-                        f"drawings, e.g. {incomplete[0]}. {HOW_TO_GET}")
+        raise DataError(
+            f"Omniglot archive {path}: {len(incomplete)} character(s) lack some of the {DRAWERS} "
+            f"drawings, e.g. {incomplete[0]}. {HOW_TO_GET}"
+        )
     images = np.stack([np.stack([drawings[n][d] for d in range(DRAWERS)]) for n in names])
     return OmniglotSplit(images=images, alphabets=tuple(n.split("/")[0] for n in names), names=names)
 
@@ -99,13 +107,18 @@ def load_split(data_dir: Path | str, split: str) -> OmniglotSplit:
     if not path.is_file():
         raise DataError(f"Omniglot file not found: {path}. {HOW_TO_GET}")
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{_CACHE_VERSION}".encode()).hexdigest()[
+        :16
+    ]
     cached = cache_dir() / f"omniglot-{split}-{key}.npz"
     if cached.is_file():
         try:
             with np.load(cached) as arrays:
-                return OmniglotSplit(images=arrays["images"], alphabets=tuple(arrays["alphabets"].tolist()),
-                                     names=tuple(arrays["names"].tolist()))
+                return OmniglotSplit(
+                    images=arrays["images"],
+                    alphabets=tuple(arrays["alphabets"].tolist()),
+                    names=tuple(arrays["names"].tolist()),
+                )
         except (OSError, ValueError, KeyError) as error:
             log.warning("ignoring unreadable cache %s (%s); decoding %s again", cached, error, path)
     log.info("decoding %s once (cached afterwards in %s)", path, cached.parent)
@@ -134,11 +147,15 @@ class OmniglotClient:
 
     def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
         if ways > self.num_classes:
-            raise DataError(f"client {self.client_id} has {self.num_classes} classes "
-                            f"({len(self.characters)} characters x {ROTATIONS} rotations); cannot draw {ways}-way tasks")
+            raise DataError(
+                f"client {self.client_id} has {self.num_classes} classes "
+                f"({len(self.characters)} characters x {ROTATIONS} rotations); cannot draw {ways}-way tasks"
+            )
         if shots + queries > len(self.drawers):
-            raise DataError(f"client {self.client_id} holds {len(self.drawers)} drawings per class; "
-                            f"{shots} shots + {queries} queries need {shots + queries}")
+            raise DataError(
+                f"client {self.client_id} holds {len(self.drawers)} drawings per class; "
+                f"{shots} shots + {queries} queries need {shots + queries}"
+            )
 
     def _images(self, characters: np.ndarray, rotations: np.ndarray, drawers: np.ndarray) -> Tensor:
         x = torch.from_numpy(self.split.images[characters, drawers]).float().div_(255.0)  # (n, 28, 28)
@@ -149,7 +166,9 @@ class OmniglotClient:
         self.check_episode(ways=ways, shots=shots, queries=queries)
         classes = rng.choice(self.num_classes, size=ways, replace=False)
         per_class = shots + queries
-        drawers = np.stack([rng.choice(self.drawers, size=per_class, replace=False) for _ in range(ways)])  # (ways, K+Q)
+        drawers = np.stack(
+            [rng.choice(self.drawers, size=per_class, replace=False) for _ in range(ways)]
+        )  # (ways, K+Q)
         characters = np.asarray(self.characters)[classes // ROTATIONS]
         rotations = classes % ROTATIONS
 
@@ -178,27 +197,33 @@ def _clients(split: OmniglotSplit, prefix: str, *, partition: str, drawers_per_c
     for index, alphabet in enumerate(split.alphabets):
         by_alphabet.setdefault(alphabet, []).append(index)
     global_class = {c: c for c in range(len(split.names))}
-    groups = [tuple(range(DRAWERS))] if partition == "alphabet" else [
-        tuple(range(start, start + drawers_per_client)) for start in range(0, DRAWERS, drawers_per_client)]
+    groups = (
+        [tuple(range(DRAWERS))]
+        if partition == "alphabet"
+        else [tuple(range(start, start + drawers_per_client)) for start in range(0, DRAWERS, drawers_per_client)]
+    )
     clients = []
     for alphabet, characters in sorted(by_alphabet.items()):
         for g, drawers in enumerate(groups):
             suffix = "" if partition == "alphabet" else f"/drawers{g}"
-            clients.append(OmniglotClient(f"{prefix}{alphabet}{suffix}", split, tuple(characters), drawers, global_class))
+            clients.append(
+                OmniglotClient(f"{prefix}{alphabet}{suffix}", split, tuple(characters), drawers, global_class)
+            )
     return clients
 
 
-def omniglot_federation(data_dir: Path | str | None, *, partition: str = "alphabet", drawers_per_client: int = 5) -> Federation:
+def omniglot_federation(
+    data_dir: Path | str | None, *, partition: str = "alphabet", drawers_per_client: int = 5
+) -> Federation:
     """Background alphabets train, evaluation alphabets are unseen (by alphabet, or alphabet x drawer group)."""
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     background = load_split(root, "background")
     evaluation = load_split(root, "evaluation")
-    kwargs = {"partition": partition, "drawers_per_client": drawers_per_client}
     return Federation(
         name="omniglot",
         kind="classification",
-        train_clients=_clients(background, "bg:", **kwargs),
-        unseen_clients=_clients(evaluation, "eval:", **kwargs),
+        train_clients=_clients(background, "bg:", partition=partition, drawers_per_client=drawers_per_client),
+        unseen_clients=_clients(evaluation, "eval:", partition=partition, drawers_per_client=drawers_per_client),
         num_global_outputs=len(background.names) * ROTATIONS,
     )
 

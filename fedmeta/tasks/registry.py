@@ -10,6 +10,10 @@ from fedmeta.tasks.sinusoid import sinusoid_federation
 
 def build_federation(data: DataConfig, *, seed: int) -> Federation:
     if data.dataset == "sinusoid":
-        return sinusoid_federation(num_train_clients=data.num_train_clients, num_unseen_clients=data.num_unseen_clients,
-                                   window=data.client_window, seed=seed)
+        return sinusoid_federation(
+            num_train_clients=data.num_train_clients,
+            num_unseen_clients=data.num_unseen_clients,
+            window=data.client_window,
+            seed=seed,
+        )
     return omniglot_federation(data.data_dir, partition=data.partition, drawers_per_client=data.drawers_per_client)

@@ -27,7 +27,9 @@ class SinusoidClient:
     amplitude: tuple[float, float]
     phase: tuple[float, float]
 
-    def _points(self, rng: np.random.Generator, n: int, amplitude: np.ndarray, phase: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _points(
+        self, rng: np.random.Generator, n: int, amplitude: np.ndarray | float, phase: np.ndarray | float
+    ) -> tuple[Tensor, Tensor]:
         x = rng.uniform(*X_RANGE, size=(n, 1))
         y = amplitude * np.sin(x - phase)
         return torch.from_numpy(x).float(), torch.from_numpy(y).float()
@@ -60,8 +62,10 @@ def sinusoid_federation(*, num_train_clients: int, num_unseen_clients: int, wind
 
     def clients(prefix: str, count: int, stream: int) -> list[SinusoidClient]:
         rng = np.random.default_rng([seed, stream])
-        return [SinusoidClient(f"{prefix}{i}", _window(rng, AMPLITUDE, window), _window(rng, PHASE, window))
-                for i in range(count)]
+        return [
+            SinusoidClient(f"{prefix}{i}", _window(rng, AMPLITUDE, window), _window(rng, PHASE, window))
+            for i in range(count)
+        ]
 
     return Federation(
         name="sinusoid",

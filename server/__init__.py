@@ -1,0 +1,1 @@
+"""Flower ServerApp and strategy (thin adapters over `fedmeta.round.apply_round`); see the Flower milestone."""

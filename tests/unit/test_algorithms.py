@@ -1,0 +1,289 @@
+"""Every algorithm against an independent reference: finite differences, a hand-unrolled autograd network,
+closed-form linear-regression formulas in numpy, and a hand-computed ProtoNet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
+from fedmeta.algorithms.protonet import prototype_logits
+from fedmeta.models import SinusoidMLP, init_params
+from fedmeta.types import Task
+from tests.conftest import double_task, to_double
+
+INNER_LR = 0.05
+
+
+def mlp_params(seed: int = 0) -> dict[str, torch.Tensor]:
+    return to_double(init_params(SinusoidMLP(hidden=8), torch.Generator().manual_seed(seed)))
+
+
+def hand_mlp(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The 1-H-H-1 ReLU MLP written out by hand: no nn.Module, no functional_call."""
+    h = torch.relu(x @ p["body.0.weight"].T + p["body.0.bias"])
+    h = torch.relu(h @ p["body.2.weight"].T + p["body.2.bias"])
+    return h @ p["head.weight"].T + p["head.bias"]
+
+
+def hand_maml_grad(
+    p: dict[str, torch.Tensor],
+    task: Task,
+    steps: int,
+    lr: float,
+    *,
+    second_order: bool,
+    keys: list[str] | None = None,
+    lrs: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
+    """MAML's meta-gradient by plain autograd over a hand-unrolled inner loop (the `higher`-style reference)."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    lr_leaves = {k: v.clone().requires_grad_(True) for k, v in (lrs or {}).items()}
+    fast = dict(leaves)
+    keys = keys or list(p)
+    for _ in range(steps):
+        loss = torch.mean((hand_mlp(fast, task.support_x) - task.support_y) ** 2)
+        grads = torch.autograd.grad(loss, [fast[k] for k in keys], create_graph=second_order)
+        for k, g in zip(keys, grads, strict=True):
+            step = lr_leaves[k] if lrs else lr
+            fast[k] = fast[k] - step * g
+        if not second_order:
+            fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    query = torch.mean((hand_mlp(fast, task.query_x) - task.query_y) ** 2)
+    wrt = fast if not second_order else leaves
+    targets = [wrt[k] for k in p] + [lr_leaves[k] for k in lr_leaves]
+    grads = torch.autograd.grad(query, targets, allow_unused=True)
+    names = list(p) + ["inner_lr." + k for k in lr_leaves]
+    return {n: (g if g is not None else torch.zeros_like(t)) for n, g, t in zip(names, grads, targets, strict=True)}
+
+
+def finite_difference(loss_of, params: dict[str, torch.Tensor], eps: float = 1e-6) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in params.items():
+        g = torch.zeros_like(v)
+        for i in range(v.numel()):
+            plus = {
+                **params,
+                k: v.flatten().clone().index_add_(0, torch.tensor([i]), torch.tensor([eps], dtype=v.dtype)).view_as(v),
+            }
+            minus = {
+                **params,
+                k: v.flatten().clone().index_add_(0, torch.tensor([i]), torch.tensor([-eps], dtype=v.dtype)).view_as(v),
+            }
+            g.view(-1)[i] = (loss_of(plus) - loss_of(minus)) / (2 * eps)
+        out[k] = g
+    return out
+
+
+def maml_query_loss(p, task, steps, lr, keys=None, lrs=None):
+    """Post-adaptation query loss by plain arithmetic, for finite differences."""
+    with torch.enable_grad():
+        fast = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+        for _ in range(steps):
+            loss = torch.mean((hand_mlp(fast, task.support_x) - task.support_y) ** 2)
+            names = keys or list(fast)
+            grads = torch.autograd.grad(loss, [fast[k] for k in names])
+            fast = {
+                **fast,
+                **{
+                    k: (fast[k] - (lrs[k] if lrs else lr) * g).detach().requires_grad_(True)
+                    for k, g in zip(names, grads, strict=True)
+                },
+            }
+    return float(torch.mean((hand_mlp(fast, task.query_x) - task.query_y) ** 2).detach())
+
+
+def assert_close(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 1e-8, rtol: float = 1e-6
+) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m, k=k: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_meta_gradient_matches_hand_unrolled_autograd(steps: int) -> None:
+    params, task = mlp_params(), double_task()
+    algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=steps)
+
+    meta_grad, _ = algo.task_direction(params, task)
+
+    assert_close(meta_grad, hand_maml_grad(params, task, steps, INNER_LR, second_order=True))
+
+
+def test_maml_meta_gradient_matches_finite_differences() -> None:
+    params, task = mlp_params(1), double_task(1)
+    algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
+
+    meta_grad, _ = algo.task_direction(params, task)
+    numeric = finite_difference(lambda p: maml_query_loss(p, task, 2, INNER_LR), params)
+
+    assert_close(meta_grad, numeric, atol=1e-6, rtol=1e-4)
+
+
+def test_maml_is_second_order_and_fomaml_drops_exactly_those_terms() -> None:
+    params, task = mlp_params(2), double_task(2)
+    maml = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
+    fomaml = FOMAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
+
+    second, _ = maml.task_direction(params, task)
+    first, _ = fomaml.task_direction(params, task)
+
+    assert_close(first, hand_maml_grad(params, task, 2, INNER_LR, second_order=False))
+    gap = max(float((second[k] - first[k]).abs().max()) for k in params)
+    assert gap > 1e-4, "MAML's meta-gradient equals the first-order one: the inner loop's graph was cut"
+
+
+def test_linear_regression_closed_form_for_maml_and_fomaml() -> None:
+    # Linear model y = w.x, MSE: grad L(w) = 2/n X^T(Xw - y), Hessian H = 2/n X^T X (constant).
+    # One inner step: w' = w - a grad_s(w); MAML meta-grad = (I - a H_s) grad_q(w'); FOMAML = grad_q(w').
+    rng = np.random.default_rng(3)
+    xs, ys, xq, yq = rng.normal(size=(6, 3)), rng.normal(size=(6, 1)), rng.normal(size=(9, 3)), rng.normal(size=(9, 1))
+    w = rng.normal(size=(1, 3))
+    a = 0.1
+    grad = lambda X, y, w: (2 / len(X)) * (X @ w.T - y).T @ X  # noqa: E731  (1, 3)
+    h_s = (2 / len(xs)) * xs.T @ xs
+    w_fast = w - a * grad(xs, ys, w)
+    expected_fo = grad(xq, yq, w_fast)
+    expected_maml = expected_fo @ (np.eye(3) - a * h_s)
+    task = Task(*(torch.from_numpy(v) for v in (xs, ys, xq, yq)))
+    params = {"weight": torch.from_numpy(w)}
+
+    maml_grad, _ = MAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1).task_direction(
+        params, task
+    )
+    fo_grad, _ = FOMAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1).task_direction(
+        params, task
+    )
+
+    np.testing.assert_allclose(maml_grad["weight"].numpy(), expected_maml, rtol=1e-10)
+    np.testing.assert_allclose(fo_grad["weight"].numpy(), expected_fo, rtol=1e-10)
+
+
+def test_reptile_one_step_pseudo_gradient_is_lr_times_gradient() -> None:
+    # Reptile with one inner step: params - adapted = lr * grad L(params) on the task's pooled data.
+    params, task = mlp_params(4), double_task(4)
+    algo = Reptile(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=1)
+
+    pseudo_grad, _ = algo.task_direction(params, task)
+
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+    grads = torch.autograd.grad(torch.mean((hand_mlp(leaves, x) - y) ** 2), list(leaves.values()))
+    assert_close(pseudo_grad, {k: INNER_LR * g for k, g in zip(params, grads, strict=True)})
+
+
+def test_reptile_k_steps_sums_the_trajectory_gradients() -> None:
+    params, task = mlp_params(5), double_task(5)
+    algo = Reptile(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=4)
+    x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+
+    pseudo_grad, _ = algo.task_direction(params, task)
+
+    fast = dict(params)
+    for _ in range(4):
+        leaves = {k: v.clone().requires_grad_(True) for k, v in fast.items()}
+        grads = torch.autograd.grad(torch.mean((hand_mlp(leaves, x) - y) ** 2), list(leaves.values()))
+        fast = {k: fast[k] - INNER_LR * g for k, g in zip(fast, grads, strict=True)}
+    assert_close(pseudo_grad, {k: params[k] - fast[k] for k in params})
+
+
+def test_meta_sgd_learning_rate_gradients_match_finite_differences() -> None:
+    model = SinusoidMLP(hidden=8)
+    algo = MetaSGD(model, kind="regression", inner_lr=INNER_LR, inner_steps=2)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(6)))
+    # Unequal rates, so a bug that shares one rate across entries would show.
+    gen = torch.Generator().manual_seed(7)
+    params = {
+        k: (v * (0.5 + torch.rand(v.shape, generator=gen, dtype=v.dtype)) if k.startswith("inner_lr.") else v)
+        for k, v in params.items()
+    }
+    task = double_task(6)
+    weights = {k: v for k, v in params.items() if not k.startswith("inner_lr.")}
+    lrs = {k.removeprefix("inner_lr."): v for k, v in params.items() if k.startswith("inner_lr.")}
+
+    meta_grad, _ = algo.task_direction(params, task)
+    numeric = finite_difference(
+        lambda p: maml_query_loss(weights, task, 2, 0.0, lrs={k.removeprefix("inner_lr."): v for k, v in p.items()}),
+        {"inner_lr." + k: v for k, v in lrs.items()},
+    )
+
+    assert_close({k: meta_grad[k] for k in numeric}, numeric, atol=1e-6, rtol=1e-4)
+    reference = hand_maml_grad(weights, task, 2, 0.0, second_order=True, lrs=lrs)
+    assert_close(meta_grad, reference)
+
+
+def test_anil_adapts_only_the_head_but_updates_everything() -> None:
+    params, task = mlp_params(8), double_task(8)
+    algo = ANIL(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
+    head = ["head.weight", "head.bias"]
+
+    meta_grad, _ = algo.task_direction(params, task)
+    numeric = finite_difference(lambda p: maml_query_loss(p, task, 2, INNER_LR, keys=head), params)
+
+    assert_close(meta_grad, numeric, atol=1e-6, rtol=1e-4)
+    assert_close(meta_grad, hand_maml_grad(params, task, 2, INNER_LR, second_order=True, keys=head))
+    assert float(meta_grad["body.0.weight"].abs().sum()) > 0
+
+
+def test_protonet_logits_match_a_hand_computation() -> None:
+    rng = np.random.default_rng(9)
+    support, query = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    prototypes = np.stack([support[labels == c].mean(axis=0) for c in range(3)])
+    expected = np.array([[-np.sum((q - p) ** 2) for p in prototypes] for q in query])
+
+    logits = prototype_logits(torch.from_numpy(support), torch.from_numpy(labels), torch.from_numpy(query), 3)
+
+    np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-10)
+
+
+def test_protonet_direction_is_the_query_cross_entropy_gradient() -> None:
+    model = nn.Linear(3, 2)
+    algo = ProtoNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    params = to_double(init_params(model, torch.Generator().manual_seed(10)))
+    rng = np.random.default_rng(10)
+    task = Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+
+    direction, metrics = algo.task_direction(params, task)
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        emb = lambda x: x @ p["weight"].T + p["bias"]  # noqa: E731
+        logits = prototype_logits(emb(task.support_x), task.support_y, emb(task.query_x), 2)
+        return float(torch.nn.functional.cross_entropy(logits, task.query_y))
+
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params))
+
+
+def test_client_update_averages_task_directions() -> None:
+    params = mlp_params(11)
+    tasks = [double_task(s) for s in (11, 12, 13)]
+    algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=1)
+
+    update = algo.client_update(params, tasks)
+
+    per_task = [algo.task_direction(params, t)[0] for t in tasks]
+    assert update.num_tasks == 3
+    assert_close(update.direction, {k: sum(d[k] for d in per_task) / 3 for k in params})
+    with pytest.raises(ValueError, match="at least one task"):
+        algo.client_update(params, [])
+
+
+def test_adaptation_improves_the_support_fit_and_leaves_inputs_untouched() -> None:
+    params, task = mlp_params(12), double_task(12, shots=10)
+    before = {k: v.clone() for k, v in params.items()}
+    algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=0.01, inner_steps=1)
+    support_as_query = Task(task.support_x, task.support_y, task.support_x, task.support_y)
+
+    curve = algo.evaluate_curve(params, support_as_query, steps=5)
+
+    assert len(curve) == 6 and curve[-1] < curve[0]
+    assert all(torch.equal(before[k], params[k]) for k in params)

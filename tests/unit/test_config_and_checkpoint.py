@@ -1,0 +1,118 @@
+"""Bad configuration gets one clear error each; checkpoints round-trip and refuse to load when damaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedmeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedmeta.config import ConfigError, RunConfig
+from fedmeta.evaluation import mean_ci95, summarise
+from fedmeta.round import init_state
+from fedmeta.server_opt import OuterOptimizer
+from simulations.cli import load_preset, main
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"algorithm": "mamal"}, "algorithm must be one of .* got 'mamal'"),
+        ({"episode.ways": 0}, "ways must be a positive integer, got 0"),
+        ({"episode.shots": 1.5}, "shots must be a positive integer, got 1.5"),
+        ({"inner.inner_lr": -0.1}, "inner_lr must be a positive finite number, got -0.1"),
+        ({"inner.inner_lr": float("nan")}, "inner_lr must be a positive finite number, got nan"),
+        ({"outer.optimizer": "rmsprop"}, "optimizer must be one of .* got 'rmsprop'"),
+        ({"federation.client_fraction": 1.5}, "client_fraction must be in \\(0, 1\\], got 1.5"),
+        ({"data.dataset": "mnist"}, "dataset must be one of .* got 'mnist'"),
+        ({"data.drawers_per_client": 3}, "drawers_per_client must divide the 20 Omniglot drawers, got 3"),
+        ({"algorithm": "protonet"}, "protonet is a classification method"),
+    ],
+)
+def test_bad_config_values_name_the_offending_value(override: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        RunConfig().replace(**override)
+
+
+def test_unknown_config_keys_are_errors() -> None:
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) in \[inner\]: \['inner_rl'\]"):
+        RunConfig.from_dict({"inner": {"inner_rl": 0.1}})
+    with pytest.raises(ConfigError, match="unknown config section"):
+        RunConfig.from_dict({"inners": {}})
+
+
+def test_every_preset_is_a_valid_config() -> None:
+    presets = sorted((Path(__file__).parents[2] / "simulations" / "presets").glob("*.toml"))
+    assert presets
+    for path in presets:
+        RunConfig.from_dict(load_preset(path.stem))
+
+
+def test_cli_reports_bad_input_as_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["simulate", "--preset", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["simulate", "--inner-lr", "-1", "--out", str(tmp_path)]) == 2
+    assert "inner_lr must be a positive finite number, got -1.0" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "simulate",
+                "--dataset",
+                "omniglot",
+                "--algorithm",
+                "maml",
+                "--data-dir",
+                str(tmp_path),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
+    assert "Omniglot file not found" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path / "missing.pt")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    config = RunConfig().replace(**{"inner.inner_lr": 0.123})
+    optimizer = OuterOptimizer("adam")
+    params = {"w": torch.randn(3, 4), "b": torch.randn(4)}
+    state, _ = init_state(params, optimizer), None
+    _, opt_state = optimizer.step(params, {k: torch.ones_like(v) for k, v in params.items()}, state.opt_state)
+    state = state.__class__(params=params, opt_state=opt_state, round=7)
+
+    save_checkpoint(tmp_path / "ck.pt", config=config, state=state, baselines={"fedavg": params})
+    loaded_config, loaded, baselines = load_checkpoint(tmp_path / "ck.pt")
+
+    assert loaded_config == config and loaded.round == 7
+    assert all(torch.equal(loaded.params[k], params[k]) for k in params)
+    assert torch.equal(loaded.opt_state["exp_avg_sq"]["w"], opt_state["exp_avg_sq"]["w"])
+    assert loaded.opt_state["step"] == 1 and torch.equal(baselines["fedavg"]["b"], params["b"])
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+
+
+def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
+    with pytest.raises(CheckpointError, match="corrupt or not a fedmeta checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"format": "something-else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not a fedmeta-checkpoint-v1 file"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+def test_mean_ci95_matches_numpy() -> None:
+    values = np.random.default_rng(0).normal(size=50)
+    result = mean_ci95(values)
+    assert result["mean"] == pytest.approx(values.mean())
+    assert result["ci95"] == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(50))
+    assert mean_ci95([3.0]) == {"mean": 3.0, "ci95": 0.0, "n": 1}
+
+
+def test_summary_separates_tasks_and_clients() -> None:
+    curves = np.array([[[0.0, 1.0], [0.0, 1.0]], [[1.0, 1.0], [1.0, 0.0]], [[0.5, 0.5], [0.5, 0.5]]])  # (3, 2, 2)
+    summary = summarise(curves, "accuracy")
+    assert summary["over_tasks"][1]["n"] == 6 and summary["over_clients"][1]["n"] == 3
+    assert summary["over_clients"][1]["mean"] == pytest.approx(np.mean([1.0, 0.5, 0.5]))

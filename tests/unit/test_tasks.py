@@ -1,0 +1,179 @@
+"""Task families and partitions: determinism, non-IID windows, Omniglot decoding, caching and errors."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fedmeta.sampling import local_tasks, sample_clients
+from fedmeta.tasks import DataError, task_rng
+from fedmeta.tasks import omniglot as om
+from fedmeta.tasks.sinusoid import AMPLITUDE, PHASE, sinusoid_federation
+
+
+def test_sinusoid_tasks_are_deterministic_from_the_seed_and_respect_the_client_window() -> None:
+    fed = sinusoid_federation(num_train_clients=4, num_unseen_clients=2, window=0.2, seed=0)
+    client = fed.train_clients[1]
+
+    a = client.sample_task(task_rng(0, "train", 3, 1), ways=1, shots=5, queries=7)
+    b = client.sample_task(task_rng(0, "train", 3, 1), ways=1, shots=5, queries=7)
+    c = client.sample_task(task_rng(0, "train", 4, 1), ways=1, shots=5, queries=7)
+
+    assert torch.equal(a.support_x, b.support_x) and torch.equal(a.query_y, b.query_y)
+    assert not torch.equal(a.support_x, c.support_x)
+    assert a.support_x.shape == (5, 1) and a.query_y.shape == (7, 1)
+    assert float(a.support_x.abs().max()) <= 5.0
+    # y = A sin(x - phase): recover A and phase by least squares on sin/cos features and check the window.
+    x, y = (
+        torch.cat([a.support_x, a.query_x]).double().numpy()[:, 0],
+        torch.cat([a.support_y, a.query_y]).double().numpy()[:, 0],
+    )
+    coef, *_ = np.linalg.lstsq(np.stack([np.sin(x), np.cos(x)], axis=1), y, rcond=None)
+    amplitude, phase = np.hypot(*coef), np.arctan2(-coef[1], coef[0])
+    assert client.amplitude[0] - 1e-4 <= amplitude <= client.amplitude[1] + 1e-4
+    assert client.phase[0] - 1e-4 <= phase <= client.phase[1] + 1e-4
+
+
+def test_sinusoid_clients_own_different_windows_inside_the_family() -> None:
+    fed = sinusoid_federation(num_train_clients=20, num_unseen_clients=5, window=0.2, seed=1)
+    windows = {(c.amplitude, c.phase) for c in [*fed.train_clients, *fed.unseen_clients]}
+    assert len(windows) == 25
+    for c in fed.train_clients:
+        assert AMPLITUDE[0] <= c.amplitude[0] < c.amplitude[1] <= AMPLITUDE[1]
+        assert PHASE[0] <= c.phase[0] < c.phase[1] <= PHASE[1]
+        assert c.amplitude[1] - c.amplitude[0] == pytest.approx(0.2 * (AMPLITUDE[1] - AMPLITUDE[0]))
+
+
+def test_client_sampling_is_seeded_sorted_and_distinct() -> None:
+    a = sample_clients(seed=0, round_index=5, num_clients=100, count=10)
+    assert a == sample_clients(seed=0, round_index=5, num_clients=100, count=10)
+    assert a != sample_clients(seed=0, round_index=6, num_clients=100, count=10)
+    assert a == sorted(set(a)) and len(a) == 10
+    with pytest.raises(ValueError, match="cannot sample 11 of 10"):
+        sample_clients(seed=0, round_index=0, num_clients=10, count=11)
+
+
+def test_fedavg_batches_travel_as_support_only_tasks() -> None:
+    client = sinusoid_federation(num_train_clients=1, num_unseen_clients=1, window=0.5, seed=0).train_clients[0]
+    batches = local_tasks(
+        client, np.random.default_rng(0), data_kind="batches", num_tasks=3, ways=5, shots=1, queries=1, batch_size=16
+    )
+    assert len(batches) == 3 and batches[0].support_x.shape == (16, 1) and batches[0].query_x.shape[0] == 0
+
+
+# -- Omniglot on a tiny synthetic archive with the official layout -------------------------------------------
+
+
+def _write_zip(path: Path, split: str, alphabets: dict[str, int], drawers: int = 20, start_id: int = 1) -> None:
+    rng = np.random.default_rng(len(alphabets))
+    char_id = start_id
+    with zipfile.ZipFile(path, "w") as archive:
+        for alphabet, chars in alphabets.items():
+            for c in range(1, chars + 1):
+                for d in range(1, drawers + 1):
+                    pixels = (rng.random((105, 105)) > 0.1).astype(np.uint8) * 255  # white paper, black ink
+                    buffer = io.BytesIO()
+                    Image.fromarray(pixels).convert("1").save(buffer, format="PNG")
+                    archive.writestr(
+                        f"images_{split}/{alphabet}/character{c:02d}/{char_id:04d}_{d:02d}.png", buffer.getvalue()
+                    )
+                char_id += 1
+
+
+@pytest.fixture
+def tiny_omniglot(tmp_path: Path) -> Path:
+    (tmp_path / "omniglot").mkdir()
+    _write_zip(tmp_path / "omniglot" / "images_background.zip", "background", {"Alpha": 3, "Beta": 2})
+    _write_zip(tmp_path / "omniglot" / "images_evaluation.zip", "evaluation", {"Gamma": 2}, start_id=6)
+    return tmp_path
+
+
+def test_omniglot_partitions_by_alphabet_and_by_drawer_group(tiny_omniglot: Path) -> None:
+    by_alphabet = om.omniglot_federation(tiny_omniglot, partition="alphabet")
+    by_drawers = om.omniglot_federation(tiny_omniglot, partition="alphabet-drawer", drawers_per_client=5)
+
+    assert [c.client_id for c in by_alphabet.train_clients] == ["bg:Alpha", "bg:Beta"]
+    assert [c.client_id for c in by_alphabet.unseen_clients] == ["eval:Gamma"]
+    assert by_alphabet.num_global_outputs == 5 * 4
+    assert len(by_drawers.train_clients) == 2 * 4 and len(by_drawers.unseen_clients) == 4
+    assert by_drawers.train_clients[1].drawers == (5, 6, 7, 8, 9)
+
+
+def test_omniglot_episodes_use_rotations_as_classes_and_only_the_clients_drawers(tiny_omniglot: Path) -> None:
+    fed = om.omniglot_federation(tiny_omniglot, partition="alphabet-drawer", drawers_per_client=10)
+    client = fed.train_clients[0]  # Alpha, drawers 0-9: 3 characters x 4 rotations = 12 classes
+    task = client.sample_task(np.random.default_rng(0), ways=12, shots=2, queries=3)
+
+    assert task.support_x.shape == (24, 1, 28, 28) and task.query_x.shape == (36, 1, 28, 28)
+    assert task.support_y.tolist() == [c for c in range(12) for _ in range(2)]
+    assert float(task.support_x.min()) >= 0 and float(task.support_x.max()) <= 1
+    # Every image is a 90-degree rotation of a drawing by one of this client's drawers.
+    own = client.split.images[list(client.characters)][:, list(client.drawers)].reshape(-1, 28, 28)
+    own = torch.from_numpy(own).float() / 255
+    rotated = [torch.rot90(own, k, dims=(1, 2)) for k in range(4)]
+    for image in task.query_x[:, 0]:
+        assert any((r - image).abs().flatten(1).max(1).values.min() < 1e-6 for r in rotated)
+    with pytest.raises(DataError, match="holds 10 drawings per class; 6 shots \\+ 5 queries need 11"):
+        client.sample_task(np.random.default_rng(0), ways=5, shots=6, queries=5)
+    with pytest.raises(DataError, match="has 12 classes"):
+        client.check_episode(ways=13, shots=1, queries=1)
+
+
+def test_omniglot_decodes_once_then_reads_the_cache(tiny_omniglot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = om.load_split(tiny_omniglot, "background")
+    calls = []
+    monkeypatch.setattr(om, "_decode_zip", lambda *a: calls.append(a))
+
+    second = om.load_split(tiny_omniglot, "background")
+
+    assert calls == [] and np.array_equal(first.images, second.images) and first.names == second.names
+    assert first.images.shape == (5, 20, 28, 28) and first.alphabets == ("Alpha",) * 3 + ("Beta",) * 2
+
+
+def test_missing_omniglot_names_the_path_and_how_to_get_it(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"not found: .*images_background\.zip.*fedmeta download omniglot"):
+        om.omniglot_federation(tmp_path)
+
+
+def test_corrupt_omniglot_zip_gives_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "omniglot").mkdir()
+    (tmp_path / "omniglot" / "images_background.zip").write_bytes(b"this is not a zip")
+    with pytest.raises(DataError, match=r"images_background\.zip is corrupt"):
+        om.load_split(tmp_path, "background")
+
+
+def test_incomplete_omniglot_zip_is_rejected(tmp_path: Path) -> None:
+    (tmp_path / "omniglot").mkdir()
+    _write_zip(tmp_path / "omniglot" / "images_background.zip", "background", {"Alpha": 1}, drawers=3)
+    with pytest.raises(DataError, match="lack some of the 20 drawings"):
+        om.load_split(tmp_path, "background")
+
+
+def test_download_fetches_both_archives(tiny_omniglot: Path, tmp_path: Path) -> None:
+    target = tmp_path / "fresh"
+    template = (tiny_omniglot / "omniglot").as_uri() + "/images_{split}.zip"
+
+    written = om.download(target, url_template=template)
+
+    assert [p.name for p in written] == ["images_background.zip", "images_evaluation.zip"]
+    assert om.load_split(target, "evaluation").names == ("Gamma/character01", "Gamma/character02")
+
+
+@pytest.mark.data
+def test_real_omniglot_has_the_published_structure(omniglot_dir: Path) -> None:
+    fed = om.omniglot_federation(omniglot_dir, partition="alphabet")
+    fine = om.omniglot_federation(omniglot_dir, partition="alphabet-drawer", drawers_per_client=5)
+
+    assert len(fed.train_clients) == 30 and len(fed.unseen_clients) == 20
+    assert sum(len(c.characters) for c in fed.train_clients) == 964
+    assert sum(len(c.characters) for c in fed.unseen_clients) == 659
+    assert len(fine.train_clients) + len(fine.unseen_clients) == 200
+    task = fed.unseen_clients[0].sample_task(np.random.default_rng(0), ways=20, shots=1, queries=5)
+    ink = float(task.support_x.mean())
+    assert 0.03 < ink < 0.3, f"ink fraction {ink} is implausible for Omniglot (about 8% at 105x105)"
