@@ -11,106 +11,51 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
-from fedmeta.algorithms import Algorithm, build_algorithm
 from fedmeta.checkpoint import load_checkpoint, save_checkpoint
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import personalised_curves, summarise
+from fedmeta.experiment import Experiment
 from fedmeta.metrics import JsonlSink
-from fedmeta.models import build_model
 from fedmeta.round import ServerState, apply_round, init_state
-from fedmeta.sampling import local_tasks, sample_clients
-from fedmeta.server_opt import OuterOptimizer
-from fedmeta.tasks import Federation, build_federation, task_rng
+from fedmeta.sampling import sample_clients
+from fedmeta.types import Params
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Experiment:
-    """The pieces of a run that follow from its config: federation, model, algorithm, optimizer."""
-
-    config: RunConfig
-    federation: Federation
-    algorithm: Algorithm
-
-    @classmethod
-    def from_config(cls, config: RunConfig) -> Experiment:
-        federation = build_federation(config.data, seed=config.federation.seed)
-        ep = config.episode
-        federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
-        return cls(config, federation, _algorithm(config, config.algorithm, federation))
-
-    def optimizer(self) -> OuterOptimizer:
-        o = self.config.outer
-        return OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
-
-    def initial_params(self) -> dict[str, torch.Tensor]:
-        return self.algorithm.init_params(torch.Generator().manual_seed(self.config.federation.seed))
-
-
-def _algorithm(config: RunConfig, name: str, federation: Federation) -> Algorithm:
-    if federation.kind == "regression":
-        out: int | None = 1
-    elif name == "protonet":
-        out = None  # an embedding, no head
-    elif name == "fedavg":
-        out = federation.num_global_outputs
-    else:
-        out = config.episode.ways
-    model = build_model(config.data.dataset, out_features=out)
-    if name == "fedavg":
-        return build_algorithm(name, model, kind=federation.kind, inner_lr=config.eval.fedavg_lr, inner_steps=1)
-    return build_algorithm(
-        name, model, kind=federation.kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps
-    )
-
-
 def train(
-    algorithm: Algorithm,
-    federation: Federation,
+    experiment: Experiment,
     state: ServerState,
-    optimizer: OuterOptimizer,
     *,
-    config: RunConfig,
-    rounds: int,
-    tasks_per_client: int,
     sink: JsonlSink | None,
     label: str,
     checkpoint: Path | None = None,
     progress: bool = True,
     on_round: Callable[[ServerState], dict[str, float]] | None = None,
 ) -> ServerState:
-    """Run rounds `state.round + 1 .. rounds` of federated training and return the final server state."""
-    fed, ep = config.federation, config.episode
-    clients = federation.train_clients
-    per_round = fed.clients_in_round(len(clients))
+    """Run rounds `state.round + 1 .. experiment.rounds` of federated training; return the final state."""
+    seed = experiment.config.federation.seed
+    clients = experiment.federation.train_clients
+    optimizer = experiment.optimizer()
     bar = tqdm(
-        range(state.round, rounds), desc=label, unit="round", disable=not progress, dynamic_ncols=True, mininterval=1.0
+        range(state.round, experiment.rounds),
+        desc=label,
+        unit="round",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
     )
     for round_index in bar:
         started = time.perf_counter()
-        chosen = sample_clients(seed=fed.seed, round_index=round_index, num_clients=len(clients), count=per_round)
-        updates = []
-        for c in chosen:
-            rng = task_rng(fed.seed, f"{label}-data", round_index, c)
-            tasks = local_tasks(
-                clients[c],
-                rng,
-                data_kind=algorithm.data_kind,
-                num_tasks=tasks_per_client,
-                ways=ep.ways,
-                shots=ep.shots,
-                queries=ep.queries,
-                batch_size=config.eval.fedavg_batch,
-            )
-            updates.append((clients[c].client_id, algorithm.client_update(state.params, tasks)))
+        chosen = sample_clients(
+            seed=seed, round_index=round_index, num_clients=len(clients), count=experiment.clients_in_round()
+        )
+        updates = [(clients[c].client_id, experiment.client_update(state.params, c, round_index)) for c in chosen]
         state, round_metrics = apply_round(state, updates, optimizer)
         metrics: dict[str, Any] = {
             "phase": label,
@@ -123,21 +68,15 @@ def train(
         if sink is not None:
             sink.write(metrics)
         if checkpoint is not None:
-            save_checkpoint(checkpoint, config=config, state=state)
-        shown = {k: f"{v:.4g}" for k, v in metrics.items() if k.startswith(("query_", "unseen_"))}
-        bar.set_postfix(shown)
+            save_checkpoint(checkpoint, config=experiment.config, state=state)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith(("query_", "unseen_"))})
     return state
 
 
-def evaluate(
-    experiment: Experiment,
-    models: dict[str, dict[str, torch.Tensor]],
-    *,
-    progress: bool = True,
-) -> dict[str, Any]:
+def evaluate(experiment: Experiment, models: dict[str, Params], *, progress: bool = True) -> dict[str, Any]:
     """Personalised evaluation of each named model on the unseen clients, on the very same tasks."""
-    cfg, fed = experiment.config, experiment.federation
-    clients = fed.unseen_clients[: cfg.eval.eval_clients]
+    cfg = experiment.config
+    clients = experiment.federation.unseen_clients[: cfg.eval.eval_clients]
     with tqdm(total=len(clients), desc="evaluate", unit="client", disable=not progress, dynamic_ncols=True) as bar:
         curves = personalised_curves(
             experiment.algorithm,
@@ -193,13 +132,8 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
     init = experiment.initial_params()
     with JsonlSink(out / "metrics.jsonl") as sink:
         state = train(
-            experiment.algorithm,
-            experiment.federation,
+            experiment,
             init_state(init, experiment.optimizer()),
-            experiment.optimizer(),
-            config=config,
-            rounds=config.federation.rounds,
-            tasks_per_client=config.federation.tasks_per_client,
             sink=sink,
             label="meta",
             checkpoint=out / "checkpoint.pt",
@@ -208,19 +142,11 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
         )
         meta_seconds = time.perf_counter() - started
         baselines = {"random_init": init}
-        fedavg_rounds = config.eval.fedavg_rounds if config.eval.fedavg_rounds is not None else config.federation.rounds
-        if fedavg_rounds > 0:
-            fedavg = _algorithm(config, "fedavg", experiment.federation)
-            fedavg_init = fedavg.init_params(torch.Generator().manual_seed(config.federation.seed))
-            sgd = OuterOptimizer("sgd", lr=1.0)  # outer SGD at lr 1 on params - local == FedAvg
+        fedavg = Experiment.from_config(config, algorithm="fedavg", federation=experiment.federation)
+        if fedavg.rounds > 0:
             fedavg_state = train(
                 fedavg,
-                experiment.federation,
-                init_state(fedavg_init, sgd),
-                sgd,
-                config=config,
-                rounds=fedavg_rounds,
-                tasks_per_client=config.eval.fedavg_local_steps,
+                init_state(fedavg.initial_params(), fedavg.optimizer()),
                 sink=sink,
                 label="fedavg",
                 progress=progress,
