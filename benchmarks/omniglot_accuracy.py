@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from fedmeta.config import RunConfig
+from fedmeta.evaluation import format_summary
 from simulations.cli import load_preset
-from simulations.inprocess import evaluate_checkpoint, format_summary, simulate
+from simulations.inprocess import evaluate_checkpoint, simulate
 
 # Episode shapes evaluated after training: (ways, shots, queries). A head-based model only evaluates at the
 # number of ways it was trained with; ProtoNet evaluates at any.

@@ -47,10 +47,10 @@ class DataConfig:
     # Only read for real datasets; `None` means $FEDMETA_DATA_DIR, then ./data.
     data_dir: str | None = None
     # Sinusoid: clients are drawn afresh, so the number of clients is free.
-    num_train_clients: int = 50
+    num_train_clients: int = 100
     num_unseen_clients: int = 20
     # Sinusoid: each client owns a window of this fraction of the amplitude and phase ranges (non-IID).
-    client_window: float = 0.2
+    client_window: float = 0.3
     # Omniglot: one client per alphabet, or per (alphabet, group of drawers) for hundreds of clients.
     partition: str = "alphabet"
     drawers_per_client: int = 5
@@ -94,7 +94,7 @@ class InnerConfig:
     """The client's inner loop (task adaptation)."""
 
     inner_steps: int = 5
-    inner_lr: float = 0.01
+    inner_lr: float = 0.02
     # Fine-tuning steps measured at evaluation time (accuracy/error after 0..eval_steps steps).
     eval_steps: int = 10
 
@@ -115,7 +115,7 @@ class OuterConfig:
     """The server's outer optimizer, whose state persists across rounds."""
 
     optimizer: str = "adam"
-    outer_lr: float = 0.001
+    outer_lr: float = 0.003
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
@@ -132,7 +132,7 @@ class OuterConfig:
 class FederationConfig:
     """Rounds and client sampling."""
 
-    rounds: int = 100
+    rounds: int = 200
     # An integer count of clients per round; `client_fraction` overrides it when set.
     clients_per_round: int = 10
     client_fraction: float | None = None
@@ -164,12 +164,12 @@ class EvalConfig:
     """Personalised evaluation on unseen clients and the FedAvg baseline it is compared with."""
 
     eval_clients: int = 20
-    eval_tasks_per_client: int = 10
+    eval_tasks_per_client: int = 20
     # FedAvg baseline: rounds and local SGD steps per client; 0 rounds skips the baseline.
     fedavg_rounds: int | None = None  # None: as many rounds as the meta-learning run
     fedavg_local_steps: int = 5
-    fedavg_lr: float = 0.01
-    fedavg_batch: int = 32
+    fedavg_lr: float = 0.02
+    fedavg_batch: int = 20
     # Learning curve: every `curve_every` rounds, score the meta-model on `curve_tasks_per_client` tasks of
     # each unseen client (after `inner_steps` steps) and log it; 0 turns the curve off.
     curve_every: int = 0
@@ -195,7 +195,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one run needs; saved beside every checkpoint so a run can be evaluated or repeated."""
+    """Everything one run needs; saved beside every checkpoint so a run can be evaluated or repeated.
+
+    The defaults are the main command's run (`simulations/presets/sinusoid-reptile.toml` spells them out).
+    """
 
     algorithm: str = "reptile"
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,6 +244,22 @@ class RunConfig:
             _require(not bad, f"unknown key(s) in [{name}]: {sorted(bad)}; known: {sorted(known)}")
             kwargs[name] = section_cls(**values)
         return cls(**kwargs)
+
+    def to_flat(self) -> dict[str, int | float | str | bool]:
+        """Dotted keys to scalars (`{"inner.inner_lr": 0.02, ...}`), `None` values left out.
+
+        This is how a config travels in Flower's run config and ConfigRecords, which hold only scalars.
+        """
+        flat: dict[str, int | float | str | bool] = {"algorithm": self.algorithm}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                flat.update({f"{section}.{k}": v for k, v in values.items() if v is not None})
+        return flat
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
+        """Inverse of `to_flat`; keys left out keep their defaults, unknown keys are an error."""
+        return cls().replace(**flat)
 
     def replace(self, **overrides: Any) -> RunConfig:
         """Return a copy with dotted overrides applied, e.g. `{"inner.inner_lr": 0.1}`."""

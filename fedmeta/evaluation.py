@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from fedmeta.algorithms.base import Algorithm
+from fedmeta.config import RunConfig
 from fedmeta.tasks.base import ClientData, task_rng
 from fedmeta.types import Params
 
@@ -26,6 +28,29 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> dict[str, float]:
         raise ValueError("no values to summarise")
     half = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else 0.0
     return {"mean": float(array.mean()), "ci95": float(half), "n": int(array.size)}
+
+
+def client_curves(
+    algorithm: Algorithm,
+    models: Mapping[str, Params],
+    client: ClientData,
+    client_index: int,
+    *,
+    seed: int,
+    tasks_per_client: int,
+    ways: int,
+    shots: int,
+    queries: int,
+    steps: int,
+) -> dict[str, np.ndarray]:
+    """One unseen client's curves: {model name: array (tasks, steps + 1)}, on tasks fixed by (seed, index)."""
+    rng = task_rng(seed, "eval", client_index)
+    curves = {name: np.zeros((tasks_per_client, steps + 1)) for name in models}
+    for t in range(tasks_per_client):
+        task = client.sample_task(rng, ways=ways, shots=shots, queries=queries)
+        for name, params in models.items():
+            curves[name][t] = algorithm.evaluate_curve(params, task, steps)
+    return curves
 
 
 def personalised_curves(
@@ -42,16 +67,25 @@ def personalised_curves(
     on_client: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Metric after 0..steps steps for every (client, task): {model name: array (clients, tasks, steps + 1)}."""
-    curves = {name: np.zeros((len(clients), tasks_per_client, steps + 1)) for name in models}
-    for c, client in enumerate(clients):
-        rng = task_rng(seed, "eval", c)
-        for t in range(tasks_per_client):
-            task = client.sample_task(rng, ways=ways, shots=shots, queries=queries)
-            for name, params in models.items():
-                curves[name][c, t] = algorithm.evaluate_curve(params, task, steps)
+    per_client = []
+    for index, client in enumerate(clients):
+        per_client.append(
+            client_curves(
+                algorithm,
+                models,
+                client,
+                index,
+                seed=seed,
+                tasks_per_client=tasks_per_client,
+                ways=ways,
+                shots=shots,
+                queries=queries,
+                steps=steps,
+            )
+        )
         if on_client is not None:
             on_client()
-    return curves
+    return {name: np.stack([c[name] for c in per_client]) for name in models}
 
 
 def summarise(curves: np.ndarray, metric: str) -> dict[str, object]:
@@ -64,3 +98,45 @@ def summarise(curves: np.ndarray, metric: str) -> dict[str, object]:
         "over_tasks": per_step_tasks,
         "over_clients": per_step_clients,
     }
+
+
+def make_summary(
+    config: RunConfig, results: dict[str, Any], *, rounds: int, meta_seconds: float | None, total_seconds: float
+) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "rounds": rounds,
+        "meta_train_seconds": meta_seconds,
+        "total_seconds": total_seconds,
+        "unseen_clients": results[next(iter(results))]["over_clients"][0]["n"],
+        "results": results,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A small table: the query metric after 0, 1, the training number and the maximum of adaptation steps."""
+    results = summary["results"]
+    first = next(iter(results.values()))
+    metric, last = first["metric"], first["steps"][-1]
+    train_steps = summary["config"]["inner"]["inner_steps"]
+    steps = sorted({0, min(1, last), min(train_steps, last), last})
+    scale, unit, digits = (100.0, "%", 1) if metric == "accuracy" else (1.0, "", 3)
+    lines = [
+        f"Personalised {metric} on {summary['unseen_clients']} unseen clients "
+        f"(mean +- 95% CI over tasks), after k adaptation steps on each task's support set:"
+    ]
+    lines.append(f"  {'model':<12}" + "".join(f"{'k=' + str(s):>18}" for s in steps))
+    for name, res in results.items():
+        cells = [res["over_tasks"][s] for s in steps]
+        lines.append(
+            f"  {name:<12}"
+            + "".join(
+                f"{c['mean'] * scale:.{digits}f}{unit} +- {c['ci95'] * scale:.{digits}f}".rjust(18) for c in cells
+            )
+        )
+    best = "higher" if metric == "accuracy" else "lower"
+    lines.append(
+        f"  ({best} is better; meta = the federated meta-model, random_init = its untrained start, "
+        f"fedavg = a FedAvg model with a fresh head)"
+    )
+    return "\n".join(lines)

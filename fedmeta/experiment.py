@@ -34,7 +34,7 @@ class Experiment:
             ep = config.episode
             federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
         name = algorithm or config.algorithm
-        return cls(config, federation, _build_algorithm(config, name, federation))
+        return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
 
     @property
     def is_baseline(self) -> bool:
@@ -58,7 +58,7 @@ class Experiment:
         return OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
 
     def initial_params(self) -> Params:
-        return self.algorithm.init_params(torch.Generator().manual_seed(self.config.federation.seed))
+        return initial_params(self.algorithm, self.config.federation.seed)
 
     def clients_in_round(self) -> int:
         return self.config.federation.clients_in_round(len(self.federation.train_clients))
@@ -85,18 +85,32 @@ class Experiment:
         return self.algorithm.client_update(params, tasks)
 
 
-def _build_algorithm(config: RunConfig, name: str, federation: Federation) -> Algorithm:
-    if federation.kind == "regression":
+def task_kind(dataset: str) -> str:
+    return "regression" if dataset == "sinusoid" else "classification"
+
+
+def meta_algorithm(config: RunConfig) -> Algorithm:
+    """The configured algorithm without touching any data: what a server needs to hold meta-parameters."""
+    return _build_algorithm(config, config.algorithm, task_kind(config.data.dataset), num_global_outputs=None)
+
+
+def initial_params(algorithm: Algorithm, seed: int) -> Params:
+    """The meta-model's starting point, a function of the run seed alone (the same on every transport)."""
+    return algorithm.init_params(torch.Generator().manual_seed(seed))
+
+
+def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs: int | None) -> Algorithm:
+    if kind == "regression":
         out: int | None = 1
     elif name == "protonet":
         out = None  # an embedding, no head
     elif name == "fedavg":
-        out = federation.num_global_outputs
+        if num_global_outputs is None:
+            raise ValueError("the FedAvg baseline needs the federation's global label count")
+        out = num_global_outputs
     else:
         out = config.episode.ways
     model = build_model(config.data.dataset, out_features=out)
     if name == "fedavg":
-        return build_algorithm(name, model, kind=federation.kind, inner_lr=config.eval.fedavg_lr, inner_steps=1)
-    return build_algorithm(
-        name, model, kind=federation.kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps
-    )
+        return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1)
+    return build_algorithm(name, model, kind=kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps)

@@ -142,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     # Heavy imports after parsing, so `fedmeta --help` is instant.
-    from simulations.inprocess import evaluate_checkpoint, format_summary, simulate
+    from fedmeta.evaluation import format_summary
+    from simulations.inprocess import evaluate_checkpoint, simulate
 
     try:
         if args.command == "simulate":

@@ -18,8 +18,8 @@ from tqdm import tqdm
 
 from fedmeta.checkpoint import load_checkpoint, save_checkpoint
 from fedmeta.config import ConfigError, RunConfig
-from fedmeta.evaluation import personalised_curves, summarise
-from fedmeta.experiment import Experiment
+from fedmeta.evaluation import make_summary, personalised_curves, summarise
+from fedmeta.experiment import Experiment, task_kind
 from fedmeta.metrics import JsonlSink
 from fedmeta.round import ServerState, apply_round, init_state
 from fedmeta.sampling import sample_clients
@@ -159,7 +159,7 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
             baselines={"fedavg": baselines["fedavg"]} if "fedavg" in baselines else {},
         )
         results = evaluate(experiment, {"meta": state.params, **baselines}, progress=progress)
-        summary = _summary(
+        summary = make_summary(
             config, results, rounds=state.round, meta_seconds=meta_seconds, total_seconds=time.perf_counter() - started
         )
         sink.write(
@@ -184,7 +184,7 @@ def evaluate_checkpoint(
     if overrides:
         config = config.replace(**overrides)
     head = state.params.get("head.weight")
-    if head is not None and experiment_kind(config) == "classification" and head.shape[0] != config.episode.ways:
+    if head is not None and task_kind(config.data.dataset) == "classification" and head.shape[0] != config.episode.ways:
         raise ConfigError(
             f"this {config.algorithm} model has a {head.shape[0]}-way head; evaluate it with "
             f"--ways {head.shape[0]} (only protonet evaluates at any number of ways)"
@@ -193,59 +193,10 @@ def evaluate_checkpoint(
     models = {"meta": state.params, "random_init": experiment.initial_params(), **baselines}
     started = time.perf_counter()
     results = evaluate(experiment, models, progress=progress)
-    summary = _summary(
+    summary = make_summary(
         config, results, rounds=state.round, meta_seconds=None, total_seconds=time.perf_counter() - started
     )
     target = Path(out_dir) if out_dir is not None else Path(path).parent
     target.mkdir(parents=True, exist_ok=True)
     (target / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def experiment_kind(config: RunConfig) -> str:
-    return "regression" if config.data.dataset == "sinusoid" else "classification"
-
-
-def _summary(
-    config: RunConfig, results: dict[str, Any], *, rounds: int, meta_seconds: float | None, total_seconds: float
-) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "rounds": rounds,
-        "meta_train_seconds": meta_seconds,
-        "total_seconds": total_seconds,
-        "unseen_clients": results[next(iter(results))]["over_clients"][0]["n"],
-        "results": results,
-    }
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """A small table: the query metric after 0, 1, the training number and the maximum of adaptation steps."""
-    results = summary["results"]
-    first = next(iter(results.values()))
-    metric, last = first["metric"], first["steps"][-1]
-    train_steps = summary["config"]["inner"]["inner_steps"]
-    steps = sorted({0, min(1, last), min(train_steps, last), last})
-    scale, unit, digits = (100.0, "%", 1) if metric == "accuracy" else (1.0, "", 3)
-    lines = [
-        f"Personalised {metric} on {summary['unseen_clients']} unseen clients "
-        f"(mean +- 95% CI over tasks), after k adaptation steps on each task's support set:"
-    ]
-    lines.append(f"  {'model':<12}" + "".join(f"{'k=' + str(s):>18}" for s in steps))
-    for name, res in results.items():
-        cells = [res["over_tasks"][s] for s in steps]
-        lines.append(
-            f"  {name:<12}"
-            + "".join(
-                f"{c['mean'] * scale:.{digits}f}{unit} +- {c['ci95'] * scale:.{digits}f}".rjust(18) for c in cells
-            )
-        )
-    best = "higher" if metric == "accuracy" else "lower"
-    lines.append(
-        f"  ({best} is better; meta = the federated meta-model, random_init = its untrained start, "
-        f"fedavg = a FedAvg model with a fresh head)"
-    )
-    return "\n".join(lines)
-
-
-__all__ = ["Experiment", "evaluate_checkpoint", "format_summary", "simulate", "train"]

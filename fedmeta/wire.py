@@ -1,0 +1,28 @@
+"""Names of the records a round's messages carry. Plain strings: the Flower encoding lives in `server/records.py`.
+
+train request:    PARAMS (ArrayRecord), CONFIG (ConfigRecord: the flat RunConfig + ROUND)
+train reply:      DIRECTION (ArrayRecord), METRICS (MetricRecord: task metrics + NUM_TASKS), CLIENT (ConfigRecord)
+evaluate request: PARAMS, BASELINE_PREFIX + name for each baseline model, CONFIG
+evaluate reply:   METRICS with "<model>.k<step>" -> list of per-task values, CLIENT
+query request:    CONFIG;  query reply: CLIENT (ROLE, INDEX, CLIENT_ID)
+"""
+
+PARAMS = "params"
+CONFIG = "config"
+DIRECTION = "direction"
+METRICS = "metrics"
+CLIENT = "client"
+BASELINE_PREFIX = "baseline."
+
+ROUND = "round"
+NUM_TASKS = "num-tasks"
+ROLE = "role"
+INDEX = "index"
+CLIENT_ID = "client-id"
+
+ROLE_TRAIN = "train"
+ROLE_UNSEEN = "unseen"
+
+
+def curve_key(model: str, step: int) -> str:
+    return f"{model}.k{step}"

@@ -1,0 +1,47 @@
+"""The one encoding between fedmeta values and Flower records, used by both the ServerApp and the ClientApp.
+
+Parameters travel by name (an ArrayRecord keyed like the parameter dict), never by position, and keep their
+dtype and shape exactly: decode(encode(p)) is bit-identical to p.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedmeta import wire
+from fedmeta.types import ClientUpdate, Params
+
+
+def params_to_record(params: Params) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in sorted(params.items())})
+
+
+def record_to_params(record: ArrayRecord) -> Params:
+    return {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in record}
+
+
+def update_to_content(update: ClientUpdate, *, client_id: str) -> RecordDict:
+    metrics = MetricRecord({**{k: float(v) for k, v in update.metrics.items()}, wire.NUM_TASKS: update.num_tasks})
+    return RecordDict(
+        {
+            wire.DIRECTION: params_to_record(update.direction),
+            wire.METRICS: metrics,
+            wire.CLIENT: ConfigRecord({wire.CLIENT_ID: client_id}),
+        }
+    )
+
+
+def content_to_update(content: RecordDict) -> tuple[str, ClientUpdate]:
+    """Decode a train reply; raises KeyError/TypeError/ValueError on a malformed one."""
+    metrics = dict(content.metric_records[wire.METRICS])
+    num_tasks = metrics.pop(wire.NUM_TASKS)
+    if not isinstance(num_tasks, int):
+        raise TypeError(f"{wire.NUM_TASKS} must be an integer, got {num_tasks!r}")
+    update = ClientUpdate(
+        direction=record_to_params(content.array_records[wire.DIRECTION]),
+        num_tasks=num_tasks,
+        metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
+    )
+    return str(content.config_records[wire.CLIENT][wire.CLIENT_ID]), update
