@@ -17,7 +17,7 @@ from fedmeta import wire
 from fedmeta.config import RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
-from server.records import record_to_params, update_to_content
+from server.records import get_int, record_to_params, update_to_content
 
 log = logging.getLogger(__name__)
 app = ClientApp()
@@ -63,8 +63,17 @@ def _setup(message: Message, context: Context) -> tuple[Experiment, str, int]:
 
 
 def _client_record(experiment: Experiment, role: str, index: int) -> ConfigRecord:
-    clients = experiment.federation.train_clients if role == wire.ROLE_TRAIN else experiment.federation.unseen_clients
-    return ConfigRecord({wire.ROLE: role, wire.INDEX: index, wire.CLIENT_ID: clients[index].client_id})
+    fed = experiment.federation
+    clients = fed.train_clients if role == wire.ROLE_TRAIN else fed.unseen_clients
+    return ConfigRecord(
+        {
+            wire.ROLE: role,
+            wire.INDEX: index,
+            wire.CLIENT_ID: clients[index].client_id,
+            wire.NUM_TRAIN: len(fed.train_clients),
+            wire.NUM_PARTITIONS: len(fed.train_clients) + len(fed.unseen_clients),
+        }
+    )
 
 
 @app.query()
@@ -84,7 +93,7 @@ def train(message: Message, context: Context) -> Message:
             f"{len(experiment.federation.train_clients)} train"
         )
     params = record_to_params(message.content.array_records[wire.PARAMS])
-    round_index = int(message.content.config_records[wire.CONFIG][wire.ROUND])
+    round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
     update = experiment.client_update(params, index, round_index)
     client_id = experiment.federation.train_clients[index].client_id
     return Message(update_to_content(update, client_id=client_id), reply_to=message)

@@ -4,7 +4,7 @@ train request:    PARAMS (ArrayRecord), CONFIG (ConfigRecord: the flat RunConfig
 train reply:      DIRECTION (ArrayRecord), METRICS (MetricRecord: task metrics + NUM_TASKS), CLIENT (ConfigRecord)
 evaluate request: PARAMS, BASELINE_PREFIX + name for each baseline model, CONFIG
 evaluate reply:   METRICS with "<model>.k<step>" -> list of per-task values, CLIENT
-query request:    CONFIG;  query reply: CLIENT (ROLE, INDEX, CLIENT_ID)
+query request:    CONFIG;  query reply: CLIENT (ROLE, INDEX, CLIENT_ID, NUM_TRAIN, NUM_PARTITIONS)
 """
 
 PARAMS = "params"
@@ -19,6 +19,8 @@ NUM_TASKS = "num-tasks"
 ROLE = "role"
 INDEX = "index"
 CLIENT_ID = "client-id"
+NUM_TRAIN = "num-train"
+NUM_PARTITIONS = "num-partitions"
 
 ROLE_TRAIN = "train"
 ROLE_UNSEEN = "unseen"

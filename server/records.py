@@ -45,3 +45,11 @@ def content_to_update(content: RecordDict) -> tuple[str, ClientUpdate]:
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
     )
     return str(content.config_records[wire.CLIENT][wire.CLIENT_ID]), update
+
+
+def get_int(record: ConfigRecord | MetricRecord, key: str) -> int:
+    """An integer field of a record, or a TypeError naming the field (records from the network are untrusted)."""
+    value = record[key]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"record field {key!r} must be an integer, got {value!r}")
+    return value

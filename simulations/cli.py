@@ -114,7 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("simulate", help="run a federated meta-learning simulation and evaluate it on unseen clients")
     _add_run_options(sim)
-    sim.add_argument("--engine", choices=["local"], default="local", help="in-process loop")
+    sim.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: in-process loop; ray: Flower's simulation engine, one virtual SuperNode per client",
+    )
+    sim.add_argument("--num-clients", type=int, help="sinusoid: training clients (alias of --num-train-clients)")
+    sim.add_argument("--cpus-per-client", type=float, default=1.0, help="ray engine: CPUs per virtual client")
+    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="ray engine: GPU fraction per virtual client")
     sim.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
     sim.add_argument("--no-progress", action="store_true")
 
@@ -130,10 +138,95 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--queries", type=int)
     ev.add_argument("--no-progress", action="store_true")
 
+    srv = sub.add_parser("server", help="start a Flower SuperLink for a real deployment (runs in the foreground)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    srv.add_argument("--port", type=int, default=9092)
+    _add_security_options(srv, certificates=True)
+
+    cli = sub.add_parser("client", help="start a Flower SuperNode holding one client partition (foreground)")
+    cli.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    cli.add_argument("--partition", type=int, required=True, help="this node's partition id (0-based)")
+    cli.add_argument(
+        "--num-partitions",
+        type=int,
+        required=True,
+        help="training + unseen clients of the federation (3 for the default app config)",
+    )
+    cli.add_argument("--data-dir", help="where this node keeps its data (default: the run config's)")
+    cli.add_argument("--port", type=int, help="this node's local runtime API port (default: 9100 + partition)")
+    _add_security_options(cli, certificates=False)
+
+    run = sub.add_parser("run", help="submit the fedmeta app to a SuperLink and wait for its final status")
+    run.add_argument("--superlink", default="127.0.0.1:9092", help="HOST:PORT of the SuperLink")
+    run.add_argument("--connection", default="fedmeta-local", help="name of the connection in $FLWR_HOME/config.toml")
+    run.add_argument(
+        "--run-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help='override the app config, e.g. --run-config "federation.rounds=50" (repeatable)',
+    )
+    run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run to finish")
+    _add_security_options(run, certificates=False)
+
     dl = sub.add_parser("download", help="fetch benchmark data into a data directory")
     dl.add_argument("dataset", choices=["omniglot"])
     dl.add_argument("--data-dir", default=os.environ.get("FEDMETA_DATA_DIR", "data"))
     return parser
+
+
+def _add_security_options(p: argparse.ArgumentParser, *, certificates: bool) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--insecure", action="store_true", help="plain-text connections (local tests only)")
+    if certificates:
+        group.add_argument("--certificates", type=Path, help="directory with ca.crt, server.pem, server.key")
+    else:
+        group.add_argument("--root-certificates", type=Path, help="CA certificate to verify the SuperLink")
+
+
+def _require_security_choice(args: argparse.Namespace) -> None:
+    chosen = args.insecure or getattr(args, "certificates", None) or getattr(args, "root_certificates", None)
+    if not chosen:
+        raise ConfigError("choose --insecure (plain text, for a local test) or TLS certificates")
+    if args.insecure:
+        print(
+            "fedmeta: WARNING: insecure mode - traffic is not encrypted and nodes are not authenticated; "
+            "use it on loopback only",
+            file=sys.stderr,
+        )
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """`fedmeta server|client|run`: wrap Flower's own commands, printing each before it runs."""
+    from simulations import deploy
+
+    _require_security_choice(args)
+    env = deploy.flower_env()
+    if args.command in ("server", "client"):
+        if args.command == "server":
+            command = deploy.superlink_command(
+                host=args.host, port=args.port, insecure=args.insecure, certificates=args.certificates
+            )
+        else:
+            command = deploy.supernode_command(
+                superlink=args.superlink,
+                partition=args.partition,
+                num_partitions=args.num_partitions,
+                port=args.port or 9100 + args.partition,
+                insecure=args.insecure,
+                data_dir=args.data_dir,
+                root_certificates=args.root_certificates,
+            )
+        print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
+        os.execvpe(command[0], command, env)  # replace this process: its PID is the Flower process's PID
+    path = deploy.register_connection(
+        args.connection, address=args.superlink, insecure=args.insecure, root_certificates=args.root_certificates
+    )
+    print(f"fedmeta: connection {args.connection!r} -> {args.superlink} in {path}", file=sys.stderr)
+    print(f"fedmeta: running {deploy.show(deploy.run_command(args.connection, args.run_config))}", file=sys.stderr)
+    run_id, status = deploy.submit_and_wait(args.connection, args.run_config, timeout=args.timeout)
+    print(f"fedmeta: run {run_id} {status}")
+    return 0 if status == "finished:completed" else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,9 +239,20 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.inprocess import evaluate_checkpoint, simulate
 
     try:
+        if args.command in ("server", "client", "run"):
+            return _deploy(args)
         if args.command == "simulate":
+            if args.num_clients is not None:
+                args.num_train_clients = args.num_clients
             config = config_from_args(args)
-            summary = simulate(config, args.out, progress=not args.no_progress)
+            if args.engine == "ray":
+                from simulations.flower_sim import simulate_flower
+
+                summary = simulate_flower(
+                    config, args.out, num_cpus=args.cpus_per_client, num_gpus=args.gpus_per_client, verbose=args.verbose
+                )
+            else:
+                summary = simulate(config, args.out, progress=not args.no_progress)
             print(format_summary(summary))
             print(
                 f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "
@@ -167,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in download(args.data_dir):
                 print(path)
-    except (ConfigError, DataError, CheckpointError) as error:
+    except (ConfigError, DataError, CheckpointError, ValueError) as error:
         print(f"fedmeta: error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,150 @@
+"""A real deployment on Flower's SuperLink and SuperNodes, wrapped for the common case.
+
+`fedmeta server` runs a SuperLink, `fedmeta client` one SuperNode holding one client partition, and
+`fedmeta run` submits the app with `flwr run` and then checks the run's final status (`flwr run` itself
+can exit 0 for a run that failed). Each command prints the exact Flower command it runs, so nothing here
+is needed to deploy by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import tomli_w
+
+APP_DIR = Path(__file__).resolve().parents[1]  # the repository root: pyproject.toml with [tool.flwr.app]
+
+
+def flower_env() -> dict[str, str]:
+    """Flower's executables from this environment first on PATH; telemetry off unless the user set it."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def superlink_command(*, host: str, port: int, insecure: bool, certificates: Path | None = None) -> list[str]:
+    command = [
+        "flower-superlink",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        # Never `uv sync` the app at run time: it could download a CUDA build of torch.
+        "--disable-runtime-dependency-installation",
+    ]
+    if insecure:
+        command.append("--insecure")
+    elif certificates is not None:
+        command += [
+            "--ssl-ca-certfile",
+            str(certificates / "ca.crt"),
+            "--ssl-certfile",
+            str(certificates / "server.pem"),
+            "--ssl-keyfile",
+            str(certificates / "server.key"),
+        ]
+    return command
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    partition: int,
+    num_partitions: int,
+    port: int,
+    insecure: bool,
+    data_dir: str | None = None,
+    root_certificates: Path | None = None,
+) -> list[str]:
+    if not 0 <= partition < num_partitions:
+        raise ValueError(f"partition {partition} is out of range 0..{num_partitions - 1}")
+    node_config = f"partition-id={partition} num-partitions={num_partitions}"
+    if data_dir is not None:
+        node_config += f' data-dir="{data_dir}"'
+    command = [
+        "flower-supernode",
+        "--superlink",
+        superlink,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--node-config",
+        node_config,
+    ]
+    if insecure:
+        command.append("--insecure")
+    elif root_certificates is not None:
+        command += ["--root-certificates", str(root_certificates)]
+    return command
+
+
+def register_connection(name: str, *, address: str, insecure: bool, root_certificates: Path | None = None) -> Path:
+    """Add (or update) a SuperLink connection in $FLWR_HOME/config.toml for `flwr run`/`flwr ls`."""
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "config.toml"
+    config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    superlink = config.setdefault("superlink", {})
+    superlink.setdefault("default", name)
+    entry: dict[str, object] = {"address": address, "insecure": insecure}
+    if root_certificates is not None:
+        entry["root-certificates"] = str(root_certificates)
+    superlink[name] = entry
+    path.write_bytes(tomli_w.dumps(config).encode())
+    return path
+
+
+def run_command(connection: str, run_config: list[str], *, stream: bool = True) -> list[str]:
+    command = ["flwr", "run", str(APP_DIR), connection, *(["--stream"] if stream else ["--format", "json"])]
+    for item in run_config:
+        command += ["--run-config", item]
+    return command
+
+
+def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
+    """The run's status string as the SuperLink reports it, e.g. 'finished:completed' or 'finished:failed'."""
+    out = subprocess.run(
+        ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    runs = json.loads(out).get("runs", [])
+    if not runs:
+        raise RuntimeError(f"the SuperLink knows no run {run_id}")
+    return str(runs[0]["status"])
+
+
+def submit_and_wait(connection: str, run_config: list[str], *, timeout: float = 3600.0) -> tuple[int, str]:
+    """Submit the app, stream its logs, then wait for and return (run id, final status)."""
+    env = flower_env()
+    submitted = subprocess.run(
+        run_command(connection, run_config, stream=False), env=env, capture_output=True, text=True, check=False
+    )
+    try:
+        run_id = int(json.loads(submitted.stdout)["run-id"])
+    except (ValueError, KeyError) as error:
+        raise RuntimeError(f"flwr run did not start a run:\n{submitted.stdout}\n{submitted.stderr}") from error
+    logs = subprocess.Popen(["flwr", "log", str(run_id), connection, "--stream"], env=env)
+    deadline = time.monotonic() + timeout
+    status = run_status(connection, run_id, env)
+    while not status.startswith("finished") and time.monotonic() < deadline:
+        time.sleep(1.0)
+        status = run_status(connection, run_id, env)
+    logs.terminate()
+    logs.wait(timeout=10)
+    return run_id, status
+
+
+def show(command: list[str]) -> str:
+    return " ".join(shlex.quote(part) for part in command)

@@ -1,0 +1,214 @@
+"""The Flower adapters in-process: record encoding, run-config parsing, the ClientApp handlers, and the
+ServerApp's loop over a Grid whose nodes are ClientApps in this process (see tests/flower_fakes.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.config import get_fused_config_from_dir
+
+from client.client_app import app as client_app
+from fedmeta import wire
+from fedmeta.checkpoint import load_checkpoint
+from fedmeta.config import ConfigError, RunConfig
+from fedmeta.experiment import Experiment
+from fedmeta.metrics import read_jsonl
+from fedmeta.types import ClientUpdate
+from server.records import content_to_update, get_int, params_to_record, record_to_params, update_to_content
+from server.strategy import MetaServer, ServerOptions, parse_run_config
+from simulations.inprocess import simulate
+from tests.flower_fakes import InProcessGrid, restore_task_identity, set_task_identity
+
+SMALL = {
+    "data.num_train_clients": 4,
+    "data.num_unseen_clients": 2,
+    "federation.rounds": 3,
+    "federation.clients_per_round": 3,
+    "federation.tasks_per_client": 2,
+    "eval.eval_clients": 2,
+    "eval.eval_tasks_per_client": 3,
+    "inner.eval_steps": 2,
+    "eval.fedavg_rounds": 0,
+}
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    old = set_task_identity()
+    yield
+    restore_task_identity(old)
+
+
+def small(**overrides) -> RunConfig:
+    return RunConfig().replace(**{**SMALL, **overrides})
+
+
+def context(partition: int, num_partitions: int = 6, **extra) -> Context:
+    node_config = {"partition-id": partition, "num-partitions": num_partitions, **extra}
+    return Context(run_id=1, node_id=partition + 1, node_config=node_config, state=RecordDict(), run_config={})
+
+
+def train_message(config: RunConfig, params, round_index: int = 0) -> Message:
+    content = RecordDict(
+        {
+            wire.PARAMS: params_to_record(params),
+            wire.CONFIG: ConfigRecord({**config.to_flat(), wire.ROUND: round_index}),
+        }
+    )
+    return Message(content, dst_node_id=1, message_type="train")
+
+
+def test_parameter_records_round_trip_bit_identically() -> None:
+    params = {"b.weight": torch.randn(3, 4), "a": torch.randn(5, dtype=torch.float64), "n": torch.tensor([1, 2])}
+    back = record_to_params(params_to_record(params))
+    assert back.keys() == params.keys()
+    assert all(torch.equal(back[k], params[k]) and back[k].dtype == params[k].dtype for k in params)
+
+
+def test_update_records_round_trip() -> None:
+    update = ClientUpdate(direction={"w": torch.randn(2, 2)}, num_tasks=7, metrics={"query_loss": 0.25})
+    client_id, back = content_to_update(update_to_content(update, client_id="alpha"))
+    assert client_id == "alpha" and back.num_tasks == 7 and back.metrics == {"query_loss": 0.25}
+    assert torch.equal(back.direction["w"], update.direction["w"])
+    with pytest.raises(TypeError, match="'num-tasks' must be an integer"):
+        get_int(MetricRecord({"num-tasks": 2.5}), "num-tasks")
+
+
+def test_run_config_splits_experiment_and_server_options() -> None:
+    config, options = parse_run_config({**small().to_flat(), "server.out_dir": "x", "server.min_replies": 2})
+    assert config == small() and options == ServerOptions(out_dir="x", min_replies=2)
+    with pytest.raises(ConfigError, match=r"unknown server option\(s\) \['outdir'\]"):
+        parse_run_config({"server.outdir": "x"})
+    with pytest.raises(ConfigError, match="server.round_timeout must be a positive number of seconds, got -1"):
+        parse_run_config({"server.round_timeout": -1})
+    with pytest.raises(ConfigError, match="unknown config key 'inner.lr'"):
+        parse_run_config({"inner.lr": 0.1})
+
+
+def test_the_flower_app_config_in_pyproject_is_valid() -> None:
+    run_config = get_fused_config_from_dir(Path(__file__).parents[2], {})
+    config, options = parse_run_config(dict(run_config))
+    assert config.data.num_train_clients + config.data.num_unseen_clients == 3
+    assert options.out_dir == "runs/flower"
+
+
+def test_client_app_train_reply_equals_the_client_part_called_directly() -> None:
+    config = small(algorithm="maml")
+    experiment = Experiment.from_config(config)
+    params = experiment.initial_params()
+
+    reply = client_app(train_message(config, params, round_index=2), context(partition=1))
+
+    client_id, update = content_to_update(reply.content)
+    direct = experiment.client_update(params, 1, 2)
+    assert client_id == experiment.federation.train_clients[1].client_id and update.num_tasks == direct.num_tasks
+    assert all(torch.equal(update.direction[k], direct.direction[k]) for k in params)
+
+
+@pytest.mark.parametrize(
+    "node_config, message",
+    [
+        ({"partition-id": 9, "num-partitions": 6}, "partition-id=9 is out of range 0..5"),
+        ({"partition-id": 0, "num-partitions": 5}, "num-partitions=5, but the federation has 4 training \\+ 2 unseen"),
+        ({"num-partitions": 6}, "node config lacks 'partition-id'"),
+        ({"partition-id": 4, "num-partitions": 6}, "unseen client 0 was asked to train"),
+    ],
+)
+def test_client_app_rejects_bad_partitions_with_a_clear_error(node_config: dict, message: str) -> None:
+    config = small()
+    ctx = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    with pytest.raises(ValueError, match=message):
+        client_app(train_message(config, Experiment.from_config(config).initial_params()), ctx)
+
+
+def test_client_app_reports_missing_data(tmp_path: Path) -> None:
+    config = small(**{"data.dataset": "omniglot", "algorithm": "protonet"})
+    with pytest.raises(RuntimeError, match="Omniglot file not found"):
+        client_app(train_message(config, {}), context(0, **{"data-dir": str(tmp_path)}))
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "maml"])
+def test_server_loop_over_a_grid_equals_the_in_process_loop(tmp_path: Path, algorithm: str) -> None:
+    config = small(algorithm=algorithm)
+    grid = InProcessGrid(client_app, num_partitions=6)
+
+    summary = MetaServer(config, ServerOptions(out_dir=str(tmp_path / "flower"))).start(grid)
+    reference = simulate(config, tmp_path / "local", progress=False)
+
+    flower = load_checkpoint(tmp_path / "flower" / "checkpoint.pt")[1]
+    local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert flower.round == local.round == 3
+    assert all(torch.equal(flower.params[k], local.params[k]) for k in local.params)
+    assert summary["results"]["meta"] == reference["results"]["meta"]
+    assert summary["results"]["random_init"] == reference["results"]["random_init"]
+    rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["clients"] == 3 for r in rows)
+    assert json.loads((tmp_path / "flower" / "summary.json").read_text())["rounds"] == 3
+
+
+def _failing(message: Message, ctx: Context) -> Message:
+    """Joins the federation, then fails every training round."""
+    if message.metadata.message_type == "train":
+        raise RuntimeError("disk on fire")
+    return client_app(message, ctx)
+
+
+def test_too_few_nodes_is_a_clear_error_after_the_discovery_timeout(tmp_path: Path) -> None:
+    def absent(message: Message, ctx: Context) -> None:
+        return None  # never answers
+
+    grid = InProcessGrid(client_app, num_partitions=6, handlers={6: absent})
+    with pytest.raises(RuntimeError, match="only 5 of the 6 required nodes answered within 0.5 s"):
+        MetaServer(small(), ServerOptions(out_dir=str(tmp_path), discovery_timeout=0.5)).start(grid)
+
+
+def test_a_failing_node_is_logged_counted_and_the_round_goes_on(tmp_path: Path, caplog) -> None:
+    config = small(**{"federation.clients_per_round": 4})  # every training client, node 2 among them
+    grid = InProcessGrid(client_app, num_partitions=6, handlers={2: _failing})
+
+    with caplog.at_level(logging.WARNING):
+        MetaServer(config, ServerOptions(out_dir=str(tmp_path), min_replies=3)).start(grid)
+
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert all(r["failed"] == 1 and r["clients"] == 3 for r in rows)
+    assert "node 2 failed: RuntimeError: disk on fire" in caplog.text
+
+
+def test_a_round_with_too_few_replies_is_reported_and_not_applied(tmp_path: Path, caplog) -> None:
+    config = small(**{"federation.clients_per_round": 4, "federation.rounds": 1})
+    grid = InProcessGrid(client_app, num_partitions=6, handlers={2: _failing})
+
+    with caplog.at_level(logging.WARNING):
+        MetaServer(config, ServerOptions(out_dir=str(tmp_path))).start(grid)  # min_replies: all 4 sampled
+
+    state = load_checkpoint(tmp_path / "checkpoint.pt")[1]
+    initial = Experiment.from_config(config).initial_params()
+    assert all(torch.equal(state.params[k], initial[k]) for k in initial)
+    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped"] == 1
+    assert "3 replies, fewer than the 4 required; meta-parameters unchanged" in caplog.text
+
+
+def test_a_nan_update_from_a_node_is_rejected(tmp_path: Path, caplog) -> None:
+    def poisoned(message: Message, ctx: Context) -> Message:
+        reply = client_app(message, ctx)
+        if message.metadata.message_type != "train":
+            return reply
+        _, update = content_to_update(reply.content)
+        nan = ClientUpdate({k: torch.full_like(v, float("nan")) for k, v in update.direction.items()}, update.num_tasks)
+        return Message(update_to_content(nan, client_id="poisoned"), reply_to=message)
+
+    config = small(**{"federation.clients_per_round": 4, "federation.rounds": 1})
+    with caplog.at_level(logging.WARNING):
+        MetaServer(config, ServerOptions(out_dir=str(tmp_path))).start(
+            InProcessGrid(client_app, num_partitions=6, handlers={3: poisoned})
+        )
+
+    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    assert row["rejected"] == 1 and row["clients"] == 3
+    assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "checkpoint.pt")[1].params.values())
+    assert "rejected update from client poisoned" in caplog.text
