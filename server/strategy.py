@@ -97,6 +97,7 @@ class MetaServer:
     def start(self, grid: Grid) -> dict[str, Any]:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        log.info("run config: %s", json.dumps(self.config.to_flat(), sort_keys=True))
         train_nodes, unseen_nodes = self.discover(grid)
         init = initial_params(self.algorithm, self.config.federation.seed)
         state = init_state(init, self.optimizer)

@@ -105,8 +105,10 @@ def register_connection(name: str, *, address: str, insecure: bool, root_certifi
 
 def run_command(connection: str, run_config: list[str], *, stream: bool = True) -> list[str]:
     command = ["flwr", "run", str(APP_DIR), connection, *(["--stream"] if stream else ["--format", "json"])]
-    for item in run_config:
-        command += ["--run-config", item]
+    if run_config:
+        # One --run-config with every pair: flwr 1.41 merges repeated --run-config options with dict.update
+        # on nested keys, so "data.a=1" then "data.b=2" silently drops data.a.
+        command += ["--run-config", " ".join(run_config)]
     return command
 
 

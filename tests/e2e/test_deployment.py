@@ -1,0 +1,90 @@
+"""A real deployment on loopback: one SuperLink and three SuperNodes as separate processes, runs submitted with
+`fedmeta run` (which checks the final run status, since `flwr run` may exit 0 for a failed run).
+
+The deployed run must give the very same meta-parameters as the in-process loop with the same seed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmeta.checkpoint import load_checkpoint
+from fedmeta.config import RunConfig
+from server.strategy import parse_run_config
+from simulations.inprocess import simulate
+from tests.processes import FEDMETA, free_port, private_homes, stop, wait_for_port
+
+pytestmark = pytest.mark.deployment
+REPO = Path(__file__).resolve().parents[2]
+NUM_PARTITIONS = 4  # 3 training clients + 1 unseen client
+BASE = ["data.num_train_clients=3", "data.num_unseen_clients=1", "federation.rounds=3",
+        "federation.clients_per_round=2", "federation.tasks_per_client=2", "eval.eval_tasks_per_client=3",
+        "inner.eval_steps=2", "eval.eval_clients=1"]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
+    logs = tmp_path_factory.mktemp("deployment-logs")
+    processes: list[subprocess.Popen] = []
+    with private_homes() as env:
+        try:
+            port = free_port()
+            superlink = subprocess.Popen([*FEDMETA, "server", "--insecure", "--port", str(port)], cwd=REPO, env=env,
+                                         stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT)
+            processes.append(superlink)
+            wait_for_port(port, superlink)
+            for p in range(NUM_PARTITIONS):
+                processes.append(subprocess.Popen(
+                    [*FEDMETA, "client", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition", str(p),
+                     "--num-partitions", str(NUM_PARTITIONS), "--port", str(free_port())],
+                    cwd=REPO, env=env, stdout=open(logs / f"supernode{p}.log", "w"), stderr=subprocess.STDOUT))
+            yield f"127.0.0.1:{port}", env
+        finally:
+            stop(processes)
+            assert all(p.poll() is not None for p in processes)
+
+
+def fedmeta_run(deployment: tuple[str, dict[str, str]], overrides: list[str]) -> subprocess.CompletedProcess:
+    address, env = deployment
+    args = [*FEDMETA, "run", "--insecure", "--superlink", address, "--timeout", "300"]
+    for item in [*BASE, *overrides]:
+        args += ["--run-config", item]
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
+
+
+def local_equivalent(overrides: list[str], out: Path) -> RunConfig:
+    flat = {}
+    for item in [*BASE, *overrides]:
+        key, _, value = item.partition("=")
+        flat[key] = value.strip('"') if value.startswith('"') else (float(value) if "." in value else int(value))
+    config, _ = parse_run_config({k: v for k, v in flat.items() if not k.startswith("server.")})
+    simulate(config.replace(**{"eval.fedavg_rounds": 0}), out, progress=False)
+    return config
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "maml"])
+def test_deployed_run_completes_and_equals_the_in_process_loop(deployment, tmp_path: Path, algorithm: str) -> None:
+    overrides = [f'algorithm="{algorithm}"', f'server.out_dir="{tmp_path / "deployed"}"']
+
+    result = fedmeta_run(deployment, overrides)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "finished:completed" in result.stdout
+    local_equivalent([f'algorithm="{algorithm}"'], tmp_path / "local")
+    deployed = load_checkpoint(tmp_path / "deployed" / "checkpoint.pt")[1]
+    local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert deployed.round == 3
+    assert all(torch.equal(deployed.params[k], local.params[k]) for k in local.params)
+    assert (tmp_path / "deployed" / "summary.json").is_file()
+
+
+def test_a_failed_run_is_reported_as_failed(deployment, tmp_path: Path) -> None:
+    result = fedmeta_run(deployment, ["inner.inner_lr=-1.0", f'server.out_dir="{tmp_path}"'])
+
+    assert result.returncode == 1
+    assert "finished:failed" in result.stdout
