@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower's usage telemetry is opt-in here
     # Heavy imports after parsing, so `fedmeta --help` is instant.
     from fedmeta.evaluation import format_summary
     from simulations.inprocess import evaluate_checkpoint, simulate

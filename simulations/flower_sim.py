@@ -29,6 +29,10 @@ def simulate_flower(
     """Meta-train over Flower's Ray simulation engine; returns the summary the ServerApp wrote."""
     import json
 
+    # Before Flower is imported: it reads the telemetry switch once, at import time.
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower's usage telemetry stays off unless asked for
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
@@ -38,7 +42,9 @@ def simulate_flower(
     # Build (and check) the federation here, so a bad config fails before Ray starts.
     federation = Experiment.from_config(config).federation
     num_partitions = len(federation.train_clients) + len(federation.unseen_clients)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if not verbose:  # one line per round from fedmeta; Flower's and Ray's internals only when they warn
+        for name in ("flwr", "ray"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     options = ServerOptions(out_dir=str(out_dir), round_timeout=round_timeout)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
