@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import psutil
@@ -46,16 +46,12 @@ def stop(processes: list[subprocess.Popen]) -> None:
         except psutil.NoSuchProcess:
             continue
     for victim in victims:
-        try:
+        with suppress(psutil.NoSuchProcess):
             victim.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(victims, timeout=10)
     for victim in alive:
-        try:
+        with suppress(psutil.NoSuchProcess):
             victim.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
     for process in processes:
         process.wait(timeout=5)
@@ -65,8 +61,13 @@ def stop(processes: list[subprocess.Popen]) -> None:
 def private_homes() -> Iterator[dict[str, str]]:
     """An environment whose FLWR_HOME and RAY_TMPDIR are fresh temporary directories (short paths for Ray)."""
     with tempfile.TemporaryDirectory(prefix="fm-", dir="/tmp") as root:
-        env = dict(os.environ, FLWR_HOME=str(Path(root) / "flwr"), RAY_TMPDIR=str(Path(root) / "ray"),
-                   FLWR_TELEMETRY_ENABLED="0", PYTHONUNBUFFERED="1")
+        env = dict(
+            os.environ,
+            FLWR_HOME=str(Path(root) / "flwr"),
+            RAY_TMPDIR=str(Path(root) / "ray"),
+            FLWR_TELEMETRY_ENABLED="0",
+            PYTHONUNBUFFERED="1",
+        )
         Path(env["FLWR_HOME"]).mkdir()
         Path(env["RAY_TMPDIR"]).mkdir()
         yield env

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -22,27 +23,56 @@ from tests.processes import FEDMETA, free_port, private_homes, stop, wait_for_po
 pytestmark = pytest.mark.deployment
 REPO = Path(__file__).resolve().parents[2]
 NUM_PARTITIONS = 4  # 3 training clients + 1 unseen client
-BASE = ["data.num_train_clients=3", "data.num_unseen_clients=1", "federation.rounds=3",
-        "federation.clients_per_round=2", "federation.tasks_per_client=2", "eval.eval_tasks_per_client=3",
-        "inner.eval_steps=2", "eval.eval_clients=1"]
+BASE = [
+    "data.num_train_clients=3",
+    "data.num_unseen_clients=1",
+    "federation.rounds=3",
+    "federation.clients_per_round=2",
+    "federation.tasks_per_client=2",
+    "eval.eval_tasks_per_client=3",
+    "inner.eval_steps=2",
+    "eval.eval_clients=1",
+]
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
     logs = tmp_path_factory.mktemp("deployment-logs")
     processes: list[subprocess.Popen] = []
-    with private_homes() as env:
+    with private_homes() as env, ExitStack() as files:
         try:
             port = free_port()
-            superlink = subprocess.Popen([*FEDMETA, "server", "--insecure", "--port", str(port)], cwd=REPO, env=env,
-                                         stdout=open(logs / "superlink.log", "w"), stderr=subprocess.STDOUT)
+            superlink = subprocess.Popen(
+                [*FEDMETA, "server", "--insecure", "--port", str(port)],
+                cwd=REPO,
+                env=env,
+                stdout=files.enter_context(open(logs / "superlink.log", "w")),
+                stderr=subprocess.STDOUT,
+            )
             processes.append(superlink)
             wait_for_port(port, superlink)
             for p in range(NUM_PARTITIONS):
-                processes.append(subprocess.Popen(
-                    [*FEDMETA, "client", "--insecure", "--superlink", f"127.0.0.1:{port}", "--partition", str(p),
-                     "--num-partitions", str(NUM_PARTITIONS), "--port", str(free_port())],
-                    cwd=REPO, env=env, stdout=open(logs / f"supernode{p}.log", "w"), stderr=subprocess.STDOUT))
+                processes.append(
+                    subprocess.Popen(
+                        [
+                            *FEDMETA,
+                            "client",
+                            "--insecure",
+                            "--superlink",
+                            f"127.0.0.1:{port}",
+                            "--partition",
+                            str(p),
+                            "--num-partitions",
+                            str(NUM_PARTITIONS),
+                            "--port",
+                            str(free_port()),
+                        ],
+                        cwd=REPO,
+                        env=env,
+                        stdout=files.enter_context(open(logs / f"supernode{p}.log", "w")),
+                        stderr=subprocess.STDOUT,
+                    )
+                )
             yield f"127.0.0.1:{port}", env
         finally:
             stop(processes)

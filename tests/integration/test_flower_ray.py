@@ -26,11 +26,21 @@ pytestmark = pytest.mark.ray
 def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from simulations.flower_sim import simulate_flower
 
-    config = RunConfig().replace(**{"algorithm": "maml", "inner.inner_steps": 2, "data.num_train_clients": 5,
-                                    "data.num_unseen_clients": 2, "federation.rounds": 3,
-                                    "federation.clients_per_round": 3, "federation.tasks_per_client": 2,
-                                    "eval.eval_clients": 2, "eval.eval_tasks_per_client": 3, "inner.eval_steps": 2,
-                                    "eval.fedavg_rounds": 0})
+    config = RunConfig().replace(
+        **{
+            "algorithm": "maml",
+            "inner.inner_steps": 2,
+            "data.num_train_clients": 5,
+            "data.num_unseen_clients": 2,
+            "federation.rounds": 3,
+            "federation.clients_per_round": 3,
+            "federation.tasks_per_client": 2,
+            "eval.eval_clients": 2,
+            "eval.eval_tasks_per_client": 3,
+            "inner.eval_steps": 2,
+            "eval.fedavg_rounds": 0,
+        }
+    )
     with private_homes() as env:
         for key in ("FLWR_HOME", "RAY_TMPDIR", "FLWR_TELEMETRY_ENABLED"):
             monkeypatch.setitem(os.environ, key, env[key])
