@@ -129,3 +129,29 @@ def test_cli_simulate_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert code == 0
     assert again["results"]["meta"]["over_tasks"] == first["results"]["meta"]["over_tasks"]
     assert again["results"]["fedavg"]["over_tasks"] == first["results"]["fedavg"]["over_tasks"]
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml", "anil"])
+def test_classification_pipeline_on_a_tiny_omniglot(tmp_path: Path, algorithm: str) -> None:
+    from tests.unit.test_tasks import _write_zip
+
+    (tmp_path / "data" / "omniglot").mkdir(parents=True)
+    _write_zip(tmp_path / "data" / "omniglot" / "images_background.zip", "background", {"Alpha": 2, "Beta": 2})
+    _write_zip(tmp_path / "data" / "omniglot" / "images_evaluation.zip", "evaluation", {"Gamma": 2}, start_id=5)
+    config = RunConfig().replace(**{
+        "algorithm": algorithm, "data.dataset": "omniglot", "data.data_dir": str(tmp_path / "data"),
+        "episode.ways": 3, "episode.shots": 1, "episode.queries": 2, "inner.inner_steps": 1, "inner.inner_lr": 0.1,
+        "inner.eval_steps": 2, "federation.rounds": 2, "federation.clients_per_round": 2,
+        "federation.tasks_per_client": 1, "eval.eval_clients": 1, "eval.eval_tasks_per_client": 2,
+        "eval.fedavg_rounds": 2, "eval.fedavg_batch": 4, "eval.fedavg_local_steps": 1})
+
+    summary = simulate(config, tmp_path / "run", progress=False)
+
+    results = summary["results"]
+    assert results.keys() == {"meta", "random_init", "fedavg"}
+    assert all(0.0 <= s["mean"] <= 1.0 for r in results.values() for s in r["over_tasks"])
+    assert results["meta"]["metric"] == "accuracy" and len(results["meta"]["over_tasks"]) == 3
+    # The FedAvg model spans 4 characters x 4 rotations = 16 global classes; its transferred head is 3-way.
+    _, _, baselines = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    if algorithm != "protonet":
+        assert baselines["fedavg"]["head.weight"].shape[0] == 3

@@ -116,3 +116,11 @@ def test_summary_separates_tasks_and_clients() -> None:
     summary = summarise(curves, "accuracy")
     assert summary["over_tasks"][1]["n"] == 6 and summary["over_clients"][1]["n"] == 3
     assert summary["over_clients"][1]["mean"] == pytest.approx(np.mean([1.0, 0.5, 0.5]))
+
+
+def test_defaults_are_the_main_command_and_travel_flat() -> None:
+    assert RunConfig() == RunConfig.from_dict(load_preset("sinusoid-reptile"))
+    config = RunConfig().replace(**{"data.data_dir": "/data", "federation.client_fraction": 0.5, "algorithm": "maml"})
+    flat = config.to_flat()
+    assert all(isinstance(v, int | float | str | bool) for v in flat.values())
+    assert RunConfig.from_flat(flat) == config
