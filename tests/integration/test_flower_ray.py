@@ -16,44 +16,56 @@ import pytest
 import torch
 
 from fedmeta.checkpoint import load_checkpoint
-from fedmeta.config import RunConfig
-from simulations.inprocess import simulate
+from simulations.cli import main
 from tests.processes import private_homes
 
 pytestmark = pytest.mark.ray
+ARGS = [
+    "--algorithm",
+    "maml",
+    "--inner-steps",
+    "2",
+    "--num-clients",
+    "5",
+    "--num-unseen-clients",
+    "2",
+    "--rounds",
+    "3",
+    "--clients-per-round",
+    "3",
+    "--tasks-per-client",
+    "2",
+    "--eval-clients",
+    "2",
+    "--eval-tasks",
+    "3",
+    "--eval-steps",
+    "2",
+    "--fedavg-rounds",
+    "0",
+    "--no-progress",
+]
 
 
-def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from simulations.flower_sim import simulate_flower
-
-    config = RunConfig().replace(
-        **{
-            "algorithm": "maml",
-            "inner.inner_steps": 2,
-            "data.num_train_clients": 5,
-            "data.num_unseen_clients": 2,
-            "federation.rounds": 3,
-            "federation.clients_per_round": 3,
-            "federation.tasks_per_client": 2,
-            "eval.eval_clients": 2,
-            "eval.eval_tasks_per_client": 3,
-            "inner.eval_steps": 2,
-            "eval.fedavg_rounds": 0,
-        }
-    )
+def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     with private_homes() as env:
         for key in ("FLWR_HOME", "RAY_TMPDIR", "FLWR_TELEMETRY_ENABLED"):
             monkeypatch.setitem(os.environ, key, env[key])
-        ray_summary = simulate_flower(config, tmp_path / "ray", num_cpus=1)
+        assert (
+            main(["simulate", "--engine", "ray", "--cpus-per-client", "1", *ARGS, "--out", str(tmp_path / "ray")]) == 0
+        )
+    ray_printed = capsys.readouterr().out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        local_summary = simulate(config, tmp_path / "local", progress=False)
+        assert main(["simulate", "--engine", "local", *ARGS, "--out", str(tmp_path / "local")]) == 0
     finally:
         torch.set_num_threads(threads)
+    local_printed = capsys.readouterr().out
 
     ray_state = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")[1]
     local_state = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
     assert ray_state.round == local_state.round == 3
     assert all(torch.equal(ray_state.params[k], local_state.params[k]) for k in local_state.params)
-    assert ray_summary["results"]["meta"] == local_summary["results"]["meta"]
+    table = [line for line in ray_printed.splitlines() if line.strip().startswith(("meta", "random_init"))]
+    assert len(table) == 2 and all(line in local_printed for line in table)  # the same personalised result

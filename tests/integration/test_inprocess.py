@@ -138,12 +138,27 @@ def test_classification_pipeline_on_a_tiny_omniglot(tmp_path: Path, algorithm: s
     (tmp_path / "data" / "omniglot").mkdir(parents=True)
     _write_zip(tmp_path / "data" / "omniglot" / "images_background.zip", "background", {"Alpha": 2, "Beta": 2})
     _write_zip(tmp_path / "data" / "omniglot" / "images_evaluation.zip", "evaluation", {"Gamma": 2}, start_id=5)
-    config = RunConfig().replace(**{
-        "algorithm": algorithm, "data.dataset": "omniglot", "data.data_dir": str(tmp_path / "data"),
-        "episode.ways": 3, "episode.shots": 1, "episode.queries": 2, "inner.inner_steps": 1, "inner.inner_lr": 0.1,
-        "inner.eval_steps": 2, "federation.rounds": 2, "federation.clients_per_round": 2,
-        "federation.tasks_per_client": 1, "eval.eval_clients": 1, "eval.eval_tasks_per_client": 2,
-        "eval.fedavg_rounds": 2, "eval.fedavg_batch": 4, "eval.fedavg_local_steps": 1})
+    config = RunConfig().replace(
+        **{
+            "algorithm": algorithm,
+            "data.dataset": "omniglot",
+            "data.data_dir": str(tmp_path / "data"),
+            "episode.ways": 3,
+            "episode.shots": 1,
+            "episode.queries": 2,
+            "inner.inner_steps": 1,
+            "inner.inner_lr": 0.1,
+            "inner.eval_steps": 2,
+            "federation.rounds": 2,
+            "federation.clients_per_round": 2,
+            "federation.tasks_per_client": 1,
+            "eval.eval_clients": 1,
+            "eval.eval_tasks_per_client": 2,
+            "eval.fedavg_rounds": 2,
+            "eval.fedavg_batch": 4,
+            "eval.fedavg_local_steps": 1,
+        }
+    )
 
     summary = simulate(config, tmp_path / "run", progress=False)
 
