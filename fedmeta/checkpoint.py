@@ -34,6 +34,8 @@ def save_checkpoint(
         "round": state.round,
         "params": state.params,
         "opt_state": state.opt_state,
+        "clip_norm": state.clip_norm,
+        "dp_releases": list(state.dp_releases),
         "baselines": baselines or {},
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -52,5 +54,11 @@ def load_checkpoint(path: Path | str) -> tuple[RunConfig, ServerState, dict[str,
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} file")
     config = RunConfig.from_dict(payload["config"])
-    state = ServerState(params=payload["params"], opt_state=payload["opt_state"], round=payload["round"])
+    state = ServerState(
+        params=payload["params"],
+        opt_state=payload["opt_state"],
+        round=payload["round"],
+        clip_norm=payload.get("clip_norm"),
+        dp_releases=tuple(payload.get("dp_releases", ())),
+    )
     return config, state, payload["baselines"]

@@ -193,6 +193,61 @@ class EvalConfig:
         _positive_int("fedavg_batch", self.fedavg_batch)
 
 
+PRIVACY_MODES = ("off", "central", "distributed", "local")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy of the meta-update (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963).
+
+    central: the (trusted) server clips every update to `clip_norm` and adds N(0, (z C)^2) to their sum.
+    distributed: every client clips and adds its 1/m share of that noise (for use with secure aggregation).
+    local: every client clips and adds the full N(0, (z C)^2) itself (untrusted server; far noisier).
+    """
+
+    mode: str = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 1.0
+    # Adaptive clipping (Andrew et al. 2021, arXiv:1905.03871): move C towards the `target_quantile` of
+    # update norms, with a noised count (noise std = m / 20, the paper's choice) paid from the same budget.
+    adaptive_clipping: bool = False
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    # delta for the reported epsilon; None: 1 / N^1.1 for N training clients.
+    delta: float | None = None
+    # Refuse to start when the planned rounds would spend more than this epsilon.
+    target_epsilon: float | None = None
+    # Seed the noise from the run seed (reproducible, for research). Off by default: anyone who knows the
+    # seed could subtract such noise, so a private run draws it from the operating system's entropy.
+    reproducible_noise: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.mode in PRIVACY_MODES, f"privacy mode must be one of {PRIVACY_MODES}, got {self.mode!r}")
+        _positive_float("clip_norm", self.clip_norm)
+        _require(
+            isinstance(self.noise_multiplier, int | float)
+            and math.isfinite(self.noise_multiplier)
+            and self.noise_multiplier >= 0,
+            f"noise_multiplier must be >= 0, got {self.noise_multiplier!r}",
+        )
+        _require(0 < self.target_quantile < 1, f"target_quantile must be in (0, 1), got {self.target_quantile!r}")
+        _positive_float("clip_lr", self.clip_lr)
+        if self.delta is not None:
+            _require(
+                isinstance(self.delta, float) and 0 < self.delta < 1, f"delta must be in (0, 1), got {self.delta!r}"
+            )
+        if self.target_epsilon is not None:
+            _positive_float("target_epsilon", self.target_epsilon)
+            _require(self.mode != "off", "target_epsilon needs a privacy mode other than 'off'")
+        if self.adaptive_clipping:
+            # The noised count of unclipped updates is computed by the server from individual norms.
+            _require(self.mode == "central", f"adaptive_clipping needs privacy mode 'central', got {self.mode!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; saved beside every checkpoint so a run can be evaluated or repeated.
@@ -207,6 +262,7 @@ class RunConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
@@ -231,6 +287,7 @@ class RunConfig:
             "outer": OuterConfig,
             "federation": FederationConfig,
             "eval": EvalConfig,
+            "privacy": PrivacyConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

@@ -101,9 +101,16 @@ def summarise(curves: np.ndarray, metric: str) -> dict[str, object]:
 
 
 def make_summary(
-    config: RunConfig, results: dict[str, Any], *, rounds: int, meta_seconds: float | None, total_seconds: float
+    config: RunConfig,
+    results: dict[str, Any],
+    *,
+    rounds: int,
+    meta_seconds: float | None,
+    total_seconds: float,
+    privacy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
+        "privacy": privacy,
         "config": config.to_dict(),
         "rounds": rounds,
         "meta_train_seconds": meta_seconds,
@@ -133,6 +140,12 @@ def format_summary(summary: dict[str, Any]) -> str:
             + "".join(
                 f"{c['mean'] * scale:.{digits}f}{unit} +- {c['ci95'] * scale:.{digits}f}".rjust(18) for c in cells
             )
+        )
+    if summary.get("privacy"):
+        p = summary["privacy"]
+        lines.append(
+            f"  privacy: {p['mode']} DP, epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
+            f"{p['private_rounds']} rounds (noise multiplier {p['noise_multiplier']:g})"
         )
     best = "higher" if metric == "accuracy" else "lower"
     lines.append(

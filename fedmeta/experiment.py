@@ -5,17 +5,142 @@ so a client computes the same update wherever it runs.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from fedmeta.algorithms import Algorithm, build_algorithm
-from fedmeta.config import RunConfig
+from fedmeta.config import ConfigError, RunConfig
 from fedmeta.models import build_model
+from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
+from fedmeta.round import ServerState, apply_round, init_state
 from fedmeta.sampling import round_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation
 from fedmeta.types import ClientUpdate, Params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Outer:
+    """The server part of a run, needing no data: outer optimizer, DP mechanism and accountant, sample size.
+
+    The in-process loop and the Flower ServerApp both step through `Outer.step`, so privacy and aggregation
+    are the same code on every transport.
+    """
+
+    config: RunConfig
+    num_train_clients: int
+
+    @property
+    def sampled(self) -> int:
+        """Clients asked per round (fixed-size sampling without replacement)."""
+        return self.config.federation.clients_in_round(self.num_train_clients)
+
+    @property
+    def optimizer(self) -> OuterOptimizer:
+        o = self.config.outer
+        return OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
+
+    @property
+    def delta(self) -> float:
+        given = self.config.privacy.delta
+        return given if given is not None else 1.0 / self.num_train_clients**1.1
+
+    @property
+    def privacy(self) -> ServerPrivacy | None:
+        p = self.config.privacy
+        if not p.enabled:
+            return None
+        count_std = self.sampled / 20 if p.adaptive_clipping else None
+        return ServerPrivacy(
+            mode=p.mode,
+            noise_multiplier=update_noise_multiplier(p.noise_multiplier, count_noise_std=count_std),
+            accounted_multiplier=p.noise_multiplier,
+            adaptive=p.adaptive_clipping,
+            target_quantile=p.target_quantile,
+            clip_lr=p.clip_lr,
+            count_noise_std=count_std or 0.0,
+        )
+
+    def initial_state(self, params: Params) -> ServerState:
+        p = self.config.privacy
+        return init_state(params, self.optimizer, clip_norm=p.clip_norm if p.enabled else None)
+
+    def step(
+        self,
+        state: ServerState,
+        updates: Sequence[tuple[str, ClientUpdate]],
+        round_index: int,
+    ) -> tuple[ServerState, dict[str, float]]:
+        privacy = self.privacy
+        generator = None
+        if privacy is not None:
+            generator = noise_generator(
+                reproducible=self.config.privacy.reproducible_noise,
+                seed=self.config.federation.seed,
+                round_index=round_index,
+                stream=0,
+            )
+        state, metrics = apply_round(
+            state, updates, self.optimizer, privacy=privacy, sampled=self.sampled, generator=generator
+        )
+        epsilon = self.epsilon(state)
+        if epsilon is not None:
+            metrics["epsilon"] = epsilon
+            metrics["delta"] = self.delta
+        return state, metrics
+
+    def epsilon(self, state: ServerState, releases: Sequence[float] | None = None) -> float | None:
+        """Epsilon spent so far at `delta` (None without DP). Local DP gets no amplification by sampling:
+        the server sees every sampled client's own message."""
+        if not self.config.privacy.enabled:
+            return None
+        releases = list(state.dp_releases if releases is None else releases)
+        sample = self.num_train_clients if self.config.privacy.mode == "local" else self.sampled
+        return epsilon_of_releases(releases, sample_size=sample, population=self.num_train_clients, delta=self.delta)
+
+    def privacy_report(self, state: ServerState) -> dict[str, object] | None:
+        """What a run spent, for summary.json (None without DP)."""
+        p = self.config.privacy
+        if not p.enabled:
+            return None
+        return {
+            "mode": p.mode,
+            "epsilon": self.epsilon(state),
+            "delta": self.delta,
+            "noise_multiplier": p.noise_multiplier,
+            "clip_norm_initial": p.clip_norm,
+            "clip_norm_final": state.clip_norm,
+            "adaptive_clipping": p.adaptive_clipping,
+            "private_rounds": len(state.dp_releases),
+            "clients_per_round": self.sampled,
+            "population": self.num_train_clients,
+            "sampling": "fixed-size, without replacement" if p.mode != "local" else "none assumed (local DP)",
+            "neighbouring": "replace one client (sensitivity 2C)",
+            "accountant": "RDP, dp-accounting",
+        }
+
+    def check_budget(self) -> None:
+        """Refuse to start a run whose planned rounds would exceed `privacy.target_epsilon`."""
+        target = self.config.privacy.target_epsilon
+        if target is None:
+            return
+        rounds = self.config.federation.rounds
+        planned = self.epsilon(ServerState({}, {}), [self.config.privacy.noise_multiplier] * rounds)
+        assert planned is not None
+        if planned > target:
+            raise ConfigError(
+                f"{rounds} rounds at noise multiplier {self.config.privacy.noise_multiplier:g} would spend "
+                f"epsilon {planned:.3g} > target_epsilon {target:g} (delta {self.delta:.3g}); "
+                "raise privacy.noise_multiplier or lower federation.rounds"
+            )
+        log.info(
+            "privacy budget: %d rounds will spend epsilon %.3g of %g (delta %.3g)", rounds, planned, target, self.delta
+        )
 
 
 @dataclass(frozen=True)
@@ -33,6 +158,7 @@ class Experiment:
             federation = build_federation(config.data, seed=config.federation.seed)
             ep = config.episode
             federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
+            Outer(config, len(federation.train_clients)).check_budget()
         name = algorithm or config.algorithm
         return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
 
@@ -51,11 +177,20 @@ class Experiment:
         fedavg_rounds = self.config.eval.fedavg_rounds
         return self.config.federation.rounds if fedavg_rounds is None else fedavg_rounds
 
-    def optimizer(self) -> OuterOptimizer:
-        if self.is_baseline:
-            return OuterOptimizer("sgd", lr=1.0)  # outer SGD at lr 1 on (params - local) is exactly FedAvg
-        o = self.config.outer
-        return OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
+    @property
+    def outer(self) -> Outer:
+        if self.is_baseline:  # FedAvg: outer SGD at lr 1 on (params - local), no privacy
+            config = self.config.replace(
+                **{
+                    "outer.optimizer": "sgd",
+                    "outer.outer_lr": 1.0,
+                    "privacy.mode": "off",
+                    "privacy.target_epsilon": None,
+                    "privacy.adaptive_clipping": False,
+                }
+            )
+            return Outer(config, len(self.federation.train_clients))
+        return Outer(self.config, len(self.federation.train_clients))
 
     def initial_params(self) -> Params:
         return initial_params(self.algorithm, self.config.federation.seed)
@@ -82,7 +217,20 @@ class Experiment:
             queries=ep.queries,
             batch_size=self.config.eval.fedavg_batch,
         )
-        return self.algorithm.client_update(params, tasks)
+        update = self.algorithm.client_update(params, tasks)
+        p = self.config.privacy
+        if self.is_baseline or p.mode not in ("distributed", "local"):
+            return update
+        # Distributed: each of the m sampled clients adds 1/m of the noise variance; local: all of it.
+        share = self.outer.sampled if p.mode == "distributed" else 1
+        client_dp = ClientPrivacy(clip_norm=p.clip_norm, noise_std=p.noise_multiplier * p.clip_norm / share**0.5)
+        generator = noise_generator(
+            reproducible=p.reproducible_noise,
+            seed=self.config.federation.seed,
+            round_index=round_index,
+            stream=client_index + 1,
+        )
+        return client_dp.privatize(update, generator)
 
 
 def task_kind(dataset: str) -> str:

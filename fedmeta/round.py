@@ -7,13 +7,13 @@ sorted by client id first, so the float result does not depend on the order in w
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from fedmeta.functional import tree_mean
+from fedmeta.privacy.mechanism import ServerPrivacy, global_norm
 from fedmeta.server_opt import OptState, OuterOptimizer
 from fedmeta.types import ClientUpdate, Params
 
@@ -27,6 +27,10 @@ class ServerState:
     params: Params
     opt_state: OptState
     round: int = 0
+    # Differential privacy: the current clip norm (adaptive clipping moves it), and the effective noise
+    # multiplier of every private release so far - the accountant's whole state.
+    clip_norm: float | None = None
+    dp_releases: tuple[float, ...] = ()
 
 
 class RejectedUpdate(ValueError):
@@ -51,19 +55,24 @@ def check_update(update: ClientUpdate, params: Params) -> None:
         raise RejectedUpdate(f"num_tasks must be positive, got {update.num_tasks}")
 
 
-def init_state(params: Params, optimizer: OuterOptimizer) -> ServerState:
-    return ServerState(params=params, opt_state=optimizer.init(params), round=0)
+def init_state(params: Params, optimizer: OuterOptimizer, *, clip_norm: float | None = None) -> ServerState:
+    return ServerState(params=params, opt_state=optimizer.init(params), round=0, clip_norm=clip_norm)
 
 
 def apply_round(
     state: ServerState,
     updates: Sequence[tuple[str, ClientUpdate]],
     optimizer: OuterOptimizer,
+    *,
+    privacy: ServerPrivacy | None = None,
+    sampled: int | None = None,
+    generator: torch.Generator | None = None,
 ) -> tuple[ServerState, dict[str, float]]:
     """One outer step from `(client_id, update)` pairs; bad updates are logged and left out.
 
     A round with no acceptable update leaves the state unchanged (and says so in the metrics) rather than
-    stepping on an empty average.
+    stepping on an empty average. With `privacy`, accepted clients count equally, their clipped sum is noised
+    and divided by `sampled` (the number of clients asked, fixed in advance), and the release is recorded.
     """
     accepted: list[tuple[str, ClientUpdate]] = []
     for client_id, update in sorted(updates, key=lambda pair: pair[0]):
@@ -78,10 +87,23 @@ def apply_round(
         log.warning("round %d: no acceptable update; meta-parameters unchanged", state.round + 1)
         return replace(state, round=state.round + 1), metrics
     weights = [float(u.num_tasks) for _, u in accepted]
-    direction = tree_mean([u.direction for _, u in accepted], weights)
+    clip_norm, releases = state.clip_norm, state.dp_releases
+    if privacy is None:
+        direction = tree_mean([u.direction for _, u in accepted], weights)
+    else:
+        if clip_norm is None or generator is None:
+            raise ValueError("a private round needs the state's clip norm and a noise generator")
+        asked = sampled if sampled is not None else len(accepted)
+        direction, clip_norm, dp_metrics = privacy.aggregate(
+            [u.direction for _, u in accepted], clip_norm=clip_norm, sampled=asked, generator=generator
+        )
+        releases = (*releases, privacy.release_multiplier(replied=len(accepted), sampled=asked))
+        metrics.update(dp_metrics)
     params, opt_state = optimizer.step(state.params, direction, state.opt_state)
     metrics["tasks"] = sum(weights)
-    metrics["direction_norm"] = math.sqrt(sum(float(v.double().pow(2).sum()) for v in direction.values()))
+    metrics["direction_norm"] = global_norm(direction)
     for name in accepted[0][1].metrics:
         metrics[name] = sum(w * u.metrics[name] for w, (_, u) in zip(weights, accepted, strict=True)) / sum(weights)
-    return ServerState(params=params, opt_state=opt_state, round=state.round + 1), metrics
+    return ServerState(
+        params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm, dp_releases=releases
+    ), metrics

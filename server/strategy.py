@@ -1,7 +1,7 @@
 """The meta-learning outer loop over a Flower `Grid`, in one readable function (`MetaServer.start`).
 
 The loop owns nothing algorithmic: it samples clients with `fedmeta.sampling.sample_clients`, ships the
-meta-parameters, decodes replies and hands them to `fedmeta.round.apply_round` - the same calls as the
+meta-parameters, decodes replies and hands them to `fedmeta.experiment.Outer.step` - the same calls as the
 in-process loop, so both produce the same meta-parameters for the same seed.
 """
 
@@ -23,11 +23,10 @@ from fedmeta import wire
 from fedmeta.checkpoint import save_checkpoint
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary, make_summary, summarise
-from fedmeta.experiment import initial_params, meta_algorithm
+from fedmeta.experiment import Outer, initial_params, meta_algorithm
 from fedmeta.metrics import JsonlSink
-from fedmeta.round import ServerState, apply_round, init_state
+from fedmeta.round import ServerState
 from fedmeta.sampling import sample_clients
-from fedmeta.server_opt import OuterOptimizer
 from fedmeta.types import ClientUpdate
 from server.records import content_to_update, get_int, params_to_record
 
@@ -86,8 +85,6 @@ class MetaServer:
         self.config = config
         self.options = options
         self.algorithm = meta_algorithm(config)
-        o = config.outer
-        self.optimizer = OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
         self.out = Path(options.out_dir)
         # Learned from the nodes at discovery: partitions in the federation, and how many of them train.
         self._num_partitions: int | None = None
@@ -100,11 +97,13 @@ class MetaServer:
         log.info("run config: %s", json.dumps(self.config.to_flat(), sort_keys=True))
         train_nodes, unseen_nodes = self.discover(grid)
         init = initial_params(self.algorithm, self.config.federation.seed)
-        state = init_state(init, self.optimizer)
+        outer = Outer(self.config, self._num_train)
+        outer.check_budget()
+        state = outer.initial_state(init)
         started = time.perf_counter()
         with JsonlSink(self.out / "metrics.jsonl") as sink:
             for round_index in range(self.config.federation.rounds):
-                state, metrics = self.train_round(grid, state, round_index, train_nodes)
+                state, metrics = self.train_round(grid, outer, state, round_index, train_nodes)
                 sink.write(metrics)
                 save_checkpoint(self.out / "checkpoint.pt", config=self.config, state=state)
             meta_seconds = time.perf_counter() - started
@@ -114,6 +113,7 @@ class MetaServer:
             results,
             rounds=state.round,
             meta_seconds=meta_seconds,
+            privacy=outer.privacy_report(state),
             total_seconds=time.perf_counter() - started,
         )
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -178,6 +178,7 @@ class MetaServer:
     def train_round(
         self,
         grid: Grid,
+        outer: Outer,
         state: ServerState,
         round_index: int,
         nodes: dict[int, Node],
@@ -234,7 +235,7 @@ class MetaServer:
             round_metrics: dict[str, float] = {"skipped": 1}
             state = replace(state, round=state.round + 1)
         else:
-            state, round_metrics = apply_round(state, updates, self.optimizer)
+            state, round_metrics = outer.step(state, updates, round_index)
         metrics = {
             "phase": "meta",
             "round": state.round,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.checkpoint import CheckpointError
-from fedmeta.config import DATASETS, OMNIGLOT_PARTITIONS, OPTIMIZERS, ConfigError, RunConfig
+from fedmeta.config import DATASETS, OMNIGLOT_PARTITIONS, OPTIMIZERS, PRIVACY_MODES, ConfigError, RunConfig
 from fedmeta.tasks import DataError
 
 # option dest -> dotted RunConfig field
@@ -45,6 +45,12 @@ OPTION_MAP = {
     "eval_tasks": "eval.eval_tasks_per_client",
     "fedavg_rounds": "eval.fedavg_rounds",
     "curve_every": "eval.curve_every",
+    "dp": "privacy.mode",
+    "clip_norm": "privacy.clip_norm",
+    "noise_multiplier": "privacy.noise_multiplier",
+    "adaptive_clipping": "privacy.adaptive_clipping",
+    "delta": "privacy.delta",
+    "target_epsilon": "privacy.target_epsilon",
 }
 
 
@@ -105,6 +111,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tasks", type=int, help="tasks per unseen client at evaluation")
     p.add_argument("--fedavg-rounds", type=int, help="rounds of the FedAvg baseline (0 skips it)")
     p.add_argument("--curve-every", type=int, help="score unseen clients every N rounds (learning curve)")
+    p.add_argument("--dp", choices=PRIVACY_MODES, help="client-level differential privacy: where the noise is added")
+    p.add_argument("--clip-norm", type=float, help="DP: L2 bound C of every client update")
+    p.add_argument("--noise-multiplier", type=float, help="DP: noise std on the sum is z * C (default 1.0)")
+    p.add_argument("--adaptive-clipping", action="store_true", default=None, help="DP: adapt C to the median norm")
+    p.add_argument("--delta", type=float, help="DP: delta of the reported epsilon (default 1/N^1.1)")
+    p.add_argument("--target-epsilon", type=float, help="DP: refuse to start if the run would spend more")
 
 
 def build_parser() -> argparse.ArgumentParser:

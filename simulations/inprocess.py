@@ -21,7 +21,7 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import make_summary, personalised_curves, summarise
 from fedmeta.experiment import Experiment, task_kind
 from fedmeta.metrics import JsonlSink
-from fedmeta.round import ServerState, apply_round, init_state
+from fedmeta.round import ServerState
 from fedmeta.sampling import sample_clients
 from fedmeta.types import Params
 
@@ -41,7 +41,7 @@ def train(
     """Run rounds `state.round + 1 .. experiment.rounds` of federated training; return the final state."""
     seed = experiment.config.federation.seed
     clients = experiment.federation.train_clients
-    optimizer = experiment.optimizer()
+    outer = experiment.outer
     bar = tqdm(
         range(state.round, experiment.rounds),
         desc=label,
@@ -56,7 +56,7 @@ def train(
             seed=seed, round_index=round_index, num_clients=len(clients), count=experiment.clients_in_round()
         )
         updates = [(clients[c].client_id, experiment.client_update(state.params, c, round_index)) for c in chosen]
-        state, round_metrics = apply_round(state, updates, optimizer)
+        state, round_metrics = outer.step(state, updates, round_index)
         metrics: dict[str, Any] = {
             "phase": label,
             "round": state.round,
@@ -133,7 +133,7 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
     with JsonlSink(out / "metrics.jsonl") as sink:
         state = train(
             experiment,
-            init_state(init, experiment.optimizer()),
+            experiment.outer.initial_state(init),
             sink=sink,
             label="meta",
             checkpoint=out / "checkpoint.pt",
@@ -146,7 +146,7 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
         if fedavg.rounds > 0:
             fedavg_state = train(
                 fedavg,
-                init_state(fedavg.initial_params(), fedavg.optimizer()),
+                fedavg.outer.initial_state(fedavg.initial_params()),
                 sink=sink,
                 label="fedavg",
                 progress=progress,
@@ -160,7 +160,12 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -
         )
         results = evaluate(experiment, {"meta": state.params, **baselines}, progress=progress)
         summary = make_summary(
-            config, results, rounds=state.round, meta_seconds=meta_seconds, total_seconds=time.perf_counter() - started
+            config,
+            results,
+            rounds=state.round,
+            meta_seconds=meta_seconds,
+            total_seconds=time.perf_counter() - started,
+            privacy=experiment.outer.privacy_report(state),
         )
         sink.write(
             {
@@ -194,7 +199,12 @@ def evaluate_checkpoint(
     started = time.perf_counter()
     results = evaluate(experiment, models, progress=progress)
     summary = make_summary(
-        config, results, rounds=state.round, meta_seconds=None, total_seconds=time.perf_counter() - started
+        config,
+        results,
+        rounds=state.round,
+        meta_seconds=None,
+        total_seconds=time.perf_counter() - started,
+        privacy=experiment.outer.privacy_report(state),
     )
     target = Path(out_dir) if out_dir is not None else Path(path).parent
     target.mkdir(parents=True, exist_ok=True)

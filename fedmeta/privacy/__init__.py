@@ -1,0 +1,16 @@
+"""Client-level differential privacy for the meta-update: clipping, Gaussian noise, adaptive clipping, and
+epsilon from Google's `dp-accounting` (never a hand-rolled formula)."""
+
+from fedmeta.privacy.accountant import epsilon_of_releases, epsilon_spent, update_noise_multiplier
+from fedmeta.privacy.mechanism import ClientPrivacy, ServerPrivacy, clip_to_norm, global_norm, noise_generator
+
+__all__ = [
+    "ClientPrivacy",
+    "ServerPrivacy",
+    "clip_to_norm",
+    "epsilon_of_releases",
+    "epsilon_spent",
+    "global_norm",
+    "noise_generator",
+    "update_noise_multiplier",
+]
