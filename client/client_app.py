@@ -113,19 +113,7 @@ def evaluate(message: Message, context: Context) -> Message:
         }
     )
     clients = experiment.federation.train_clients if role == wire.ROLE_TRAIN else experiment.federation.unseen_clients
-    cfg = experiment.config
-    curves = client_curves(
-        experiment.algorithm,
-        models,
-        clients[index],
-        index,
-        seed=cfg.federation.seed,
-        tasks_per_client=cfg.eval.eval_tasks_per_client,
-        ways=cfg.episode.ways,
-        shots=cfg.episode.shots,
-        queries=cfg.episode.queries,
-        steps=cfg.inner.eval_steps,
-    )
+    curves = client_curves(experiment.algorithm, models, clients[index], index, **experiment.eval_kwargs())
     metrics = MetricRecord(
         {
             wire.curve_key(name, step): curve[:, step].tolist()

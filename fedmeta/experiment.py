@@ -195,6 +195,18 @@ class Experiment:
     def initial_params(self) -> Params:
         return initial_params(self.algorithm, self.config.federation.seed)
 
+    def eval_kwargs(self) -> dict[str, int]:
+        """The evaluation protocol's numbers, for `fedmeta.evaluation` (the same on every transport)."""
+        cfg = self.config
+        return {
+            "seed": cfg.federation.seed,
+            "tasks_per_client": cfg.eval.eval_tasks_per_client,
+            "ways": cfg.episode.ways,
+            "shots": cfg.episode.shots,
+            "queries": cfg.episode.queries,
+            "steps": cfg.inner.eval_steps,
+        }
+
     def clients_in_round(self) -> int:
         return self.config.federation.clients_in_round(len(self.federation.train_clients))
 

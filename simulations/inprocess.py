@@ -79,16 +79,7 @@ def evaluate(experiment: Experiment, models: dict[str, Params], *, progress: boo
     clients = experiment.federation.unseen_clients[: cfg.eval.eval_clients]
     with tqdm(total=len(clients), desc="evaluate", unit="client", disable=not progress, dynamic_ncols=True) as bar:
         curves = personalised_curves(
-            experiment.algorithm,
-            models,
-            clients,
-            seed=cfg.federation.seed,
-            tasks_per_client=cfg.eval.eval_tasks_per_client,
-            ways=cfg.episode.ways,
-            shots=cfg.episode.shots,
-            queries=cfg.episode.queries,
-            steps=cfg.inner.eval_steps,
-            on_client=bar.update,
+            experiment.algorithm, models, clients, on_client=bar.update, **experiment.eval_kwargs()
         )
     metric = experiment.algorithm.metric_name
     return {name: summarise(curve, metric) for name, curve in curves.items()}

@@ -23,9 +23,10 @@ class MAML(Algorithm):
     name = "maml"
     first_order = False
 
-    def _adapted_query_loss(self, params: Params, task: Task) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def _fast_weights(self, params: Params, task: Task) -> Params:
+        """The inner loop on the support set (differentiable when called under an outer `grad`)."""
         weights = self.model_params(params)
-        fast = adapt(
+        return adapt(
             self.model,
             self.loss_fn,
             weights,
@@ -35,6 +36,8 @@ class MAML(Algorithm):
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
         )
+
+    def _query_loss(self, fast: Params, task: Task) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         logits = forward(self.model, fast, task.query_x)
         loss = self.loss_fn(logits, task.query_y)
         return loss, (loss.detach(), logits.detach())
@@ -42,26 +45,14 @@ class MAML(Algorithm):
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         if self.first_order:
             # By definition: adapt with no graph (plain tensors out), then differentiate at the adapted point.
-            weights = self.model_params(params)
-            fast = adapt(
-                self.model,
-                self.loss_fn,
-                weights,
-                task.support_x,
-                task.support_y,
-                steps=self.inner_steps,
-                inner_lr=self.adaptation_lr(params),
-                adapt_keys=self.adapt_keys(weights),
-            )
-
-            def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                logits = forward(self.model, p, task.query_x)
-                loss = self.loss_fn(logits, task.query_y)
-                return loss, (loss.detach(), logits.detach())
-
-            meta_grad, (loss, logits) = grad(query_loss, has_aux=True)(fast)
+            fast = self._fast_weights(params, task)
+            meta_grad, (loss, logits) = grad(self._query_loss, has_aux=True)(fast, task)
         else:
-            meta_grad, (loss, logits) = grad(self._adapted_query_loss, has_aux=True)(params, task)
+            # Differentiate the query loss through every inner step: second order.
+            def meta_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                return self._query_loss(self._fast_weights(p, task), task)
+
+            meta_grad, (loss, logits) = grad(meta_loss, has_aux=True)(params)
         return meta_grad, self._metrics(loss, logits, task.query_y)
 
 
