@@ -16,9 +16,9 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.models import build_model
 from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
 from fedmeta.round import ServerState, apply_round, init_state
-from fedmeta.sampling import round_tasks
+from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
-from fedmeta.tasks import Federation, build_federation
+from fedmeta.tasks import Federation, build_federation, task_rng
 from fedmeta.types import ClientUpdate, Params
 
 log = logging.getLogger(__name__)
@@ -216,12 +216,13 @@ class Experiment:
         if not 0 <= client_index < len(clients):
             raise IndexError(f"training client index {client_index} out of range 0..{len(clients) - 1}")
         ep = self.config.episode
-        tasks = round_tasks(
+        # Tasks depend on (seed, stream, round, client) alone, so a client draws the same ones on every transport.
+        rng = task_rng(
+            self.config.federation.seed, "fedavg-data" if self.is_baseline else "meta-data", round_index, client_index
+        )
+        tasks = local_tasks(
             clients[client_index],
-            client_index,
-            seed=self.config.federation.seed,
-            round_index=round_index,
-            stream="fedavg" if self.is_baseline else "meta",
+            rng,
             data_kind=self.algorithm.data_kind,
             num_tasks=self.tasks_per_client,
             ways=ep.ways,

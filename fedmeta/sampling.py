@@ -16,38 +16,6 @@ def sample_clients(*, seed: int, round_index: int, num_clients: int, count: int)
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
 
 
-def round_tasks(
-    client: ClientData,
-    client_index: int,
-    *,
-    seed: int,
-    round_index: int,
-    stream: str,
-    data_kind: str,
-    num_tasks: int,
-    ways: int,
-    shots: int,
-    queries: int,
-    batch_size: int,
-) -> list[Task]:
-    """The local work of client number `client_index` in round `round_index` (0-based), for every transport.
-
-    The in-process loop and the Flower ClientApp both call this, so a client draws the same tasks wherever
-    it runs: the generator depends on (seed, stream, round, client) alone.
-    """
-    rng = task_rng(seed, f"{stream}-data", round_index, client_index)
-    return local_tasks(
-        client,
-        rng,
-        data_kind=data_kind,
-        num_tasks=num_tasks,
-        ways=ways,
-        shots=shots,
-        queries=queries,
-        batch_size=batch_size,
-    )
-
-
 def local_tasks(
     client: ClientData,
     rng: np.random.Generator,
