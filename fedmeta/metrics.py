@@ -9,12 +9,15 @@ from typing import Any
 
 
 class JsonlSink:
-    """Append-only JSONL file; each `write` is flushed so a killed run keeps every finished round."""
+    """JSONL file; each `write` is flushed so a killed run keeps every finished round.
 
-    def __init__(self, path: Path | str) -> None:
+    A new run starts the file afresh (`append=False`), so two runs into one directory never mix their rows.
+    """
+
+    def __init__(self, path: Path | str, *, append: bool = False) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
+        self._file = self.path.open("a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -170,3 +170,9 @@ def test_classification_pipeline_on_a_tiny_omniglot(tmp_path: Path, algorithm: s
     _, _, baselines = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     if algorithm != "protonet":
         assert baselines["fedavg"]["head.weight"].shape[0] == 3
+
+
+def test_a_second_run_into_the_same_directory_replaces_the_metrics(tmp_path: Path) -> None:
+    simulate(small_config(**{"eval.fedavg_rounds": 0}), tmp_path, progress=False)
+    simulate(small_config(**{"eval.fedavg_rounds": 0, "federation.rounds": 2}), tmp_path, progress=False)
+    assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "meta"] == [1, 2]
