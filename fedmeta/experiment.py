@@ -207,9 +207,6 @@ class Experiment:
             "steps": cfg.inner.eval_steps,
         }
 
-    def clients_in_round(self) -> int:
-        return self.config.federation.clients_in_round(len(self.federation.train_clients))
-
     def client_update(self, params: Params, client_index: int, round_index: int) -> ClientUpdate:
         """Training client `client_index`'s update in round `round_index` (0-based)."""
         clients = self.federation.train_clients

@@ -53,7 +53,7 @@ def train(
     for round_index in bar:
         started = time.perf_counter()
         chosen = sample_clients(
-            seed=seed, round_index=round_index, num_clients=len(clients), count=experiment.clients_in_round()
+            seed=seed, round_index=round_index, num_clients=len(clients), count=outer.sampled
         )
         updates = [(clients[c].client_id, experiment.client_update(state.params, c, round_index)) for c in chosen]
         state, round_metrics = outer.step(state, updates, round_index)
