@@ -115,7 +115,7 @@ class OuterConfig:
     """The server's outer optimizer, whose state persists across rounds."""
 
     optimizer: str = "adam"
-    outer_lr: float = 0.003
+    outer_lr: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
