@@ -41,7 +41,10 @@ def clip_to_norm(params: Params, clip_norm: float) -> tuple[Params, float]:
 
 
 def gaussian_like(params: Params, std: float, generator: torch.Generator) -> Params:
-    return {k: torch.randn(v.shape, generator=generator, dtype=v.dtype) * std for k, v in params.items()}
+    """N(0, std^2) noise shaped like `params`, drawn in sorted-name order so that the same generator gives the
+    same noise whatever order the dict arrived in (records from the network come back sorted)."""
+    noise = {k: torch.randn(params[k].shape, generator=generator, dtype=params[k].dtype) * std for k in sorted(params)}
+    return {k: noise[k] for k in params}
 
 
 def noise_generator(*, reproducible: bool, seed: int, round_index: int, stream: int) -> torch.Generator:

@@ -212,3 +212,31 @@ def test_a_nan_update_from_a_node_is_rejected(tmp_path: Path, caplog) -> None:
     assert row["rejected"] == 1 and row["clients"] == 3
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "checkpoint.pt")[1].params.values())
     assert "rejected update from client poisoned" in caplog.text
+
+
+def test_distributed_dp_over_flower_equals_the_in_process_loop(tmp_path: Path) -> None:
+    # Clients clip and add their noise share inside the ClientApp; with reproducible noise both transports
+    # draw the same noise, and the server's accountant reports the same epsilon.
+    config = small(
+        **{
+            "privacy.mode": "distributed",
+            "privacy.noise_multiplier": 1.5,
+            "privacy.clip_norm": 0.5,
+            "privacy.reproducible_noise": True,
+        }
+    )
+
+    summary = MetaServer(config, ServerOptions(out_dir=str(tmp_path / "flower"))).start(
+        InProcessGrid(client_app, num_partitions=6)
+    )
+    reference = simulate(config, tmp_path / "local", progress=False)
+
+    flower = load_checkpoint(tmp_path / "flower" / "checkpoint.pt")[1]
+    local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert all(torch.equal(flower.params[k], local.params[k]) for k in local.params)
+    assert flower.dp_releases == local.dp_releases == (1.5,) * 3
+    assert summary["privacy"]["epsilon"] == reference["privacy"]["epsilon"] > 0
+    rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    assert all(r["update_norm"] > 0 for r in rows) and [r["epsilon"] for r in rows] == sorted(
+        r["epsilon"] for r in rows
+    )
