@@ -52,9 +52,7 @@ def train(
     )
     for round_index in bar:
         started = time.perf_counter()
-        chosen = sample_clients(
-            seed=seed, round_index=round_index, num_clients=len(clients), count=outer.sampled
-        )
+        chosen = sample_clients(seed=seed, round_index=round_index, num_clients=len(clients), count=outer.sampled)
         updates = [(clients[c].client_id, experiment.client_update(state.params, c, round_index)) for c in chosen]
         state, round_metrics = outer.step(state, updates, round_index)
         metrics: dict[str, Any] = {
@@ -97,17 +95,14 @@ def _curve(experiment: Experiment) -> Callable[[ServerState], dict[str, float]] 
     def score(state: ServerState) -> dict[str, float]:
         if state.round % every != 0 and state.round != cfg.federation.rounds:
             return {}
-        curves = personalised_curves(
-            experiment.algorithm,
-            {"meta": state.params},
-            clients,
-            seed=cfg.federation.seed + 1,
-            tasks_per_client=cfg.eval.curve_tasks_per_client,
-            ways=cfg.episode.ways,
-            shots=cfg.episode.shots,
-            queries=cfg.episode.queries,
-            steps=steps,
-        )
+        # The final evaluation's protocol on fewer, different tasks (seed + 1), scored at the training steps.
+        protocol = {
+            **experiment.eval_kwargs(),
+            "seed": cfg.federation.seed + 1,
+            "tasks_per_client": cfg.eval.curve_tasks_per_client,
+            "steps": steps,
+        }
+        curves = personalised_curves(experiment.algorithm, {"meta": state.params}, clients, **protocol)
         return {f"unseen_{metric}": float(curves["meta"][:, :, steps].mean())}
 
     return score
