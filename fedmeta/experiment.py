@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypedDict
 
 import torch
 
@@ -22,6 +23,17 @@ from fedmeta.tasks import Federation, build_federation, task_rng
 from fedmeta.types import ClientUpdate, Params
 
 log = logging.getLogger(__name__)
+
+
+class EvalProtocol(TypedDict):
+    """The evaluation's numbers, as keyword arguments of `fedmeta.evaluation`'s curve functions."""
+
+    seed: int
+    tasks_per_client: int
+    ways: int
+    shots: int
+    queries: int
+    steps: int
 
 
 @dataclass(frozen=True)
@@ -195,7 +207,7 @@ class Experiment:
     def initial_params(self) -> Params:
         return initial_params(self.algorithm, self.config.federation.seed)
 
-    def eval_kwargs(self) -> dict[str, int]:
+    def eval_kwargs(self) -> EvalProtocol:
         """The evaluation protocol's numbers, for `fedmeta.evaluation` (the same on every transport)."""
         cfg = self.config
         return {

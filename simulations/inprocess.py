@@ -96,12 +96,10 @@ def _curve(experiment: Experiment) -> Callable[[ServerState], dict[str, float]] 
         if state.round % every != 0 and state.round != cfg.federation.rounds:
             return {}
         # The final evaluation's protocol on fewer, different tasks (seed + 1), scored at the training steps.
-        protocol = {
-            **experiment.eval_kwargs(),
-            "seed": cfg.federation.seed + 1,
-            "tasks_per_client": cfg.eval.curve_tasks_per_client,
-            "steps": steps,
-        }
+        protocol = experiment.eval_kwargs()
+        protocol["seed"] = cfg.federation.seed + 1
+        protocol["tasks_per_client"] = cfg.eval.curve_tasks_per_client
+        protocol["steps"] = steps
         curves = personalised_curves(experiment.algorithm, {"meta": state.params}, clients, **protocol)
         return {f"unseen_{metric}": float(curves["meta"][:, :, steps].mean())}
 
