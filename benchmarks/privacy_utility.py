@@ -2,9 +2,12 @@
 
 For each target epsilon the noise multiplier is the smallest z (found by bisection with the project's own
 accountant, fedmeta.privacy.epsilon_spent) whose planned rounds stay within the budget; infinity means no DP.
-Central DP, fixed clip norm; the federation is sinusoid with thousands of clients, m sampled per round.
+Central DP, fixed clip norm, m clients sampled per round. Two federations: sinusoid with thousands of clients
+(error = MSE), and Omniglot's finest partition that still holds a 5-way 1-shot task with a query - one client
+per (alphabet, pair of drawers): 300 training clients, unseen alphabets for evaluation (error = accuracy).
 
     python benchmarks/privacy_utility.py --clients 2000 --per-round 100 --rounds 100 --epsilons 1 2 4 8 inf
+    python benchmarks/privacy_utility.py --dataset omniglot --data-dir ../shared/data --per-round 30 --rounds 100
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from pathlib import Path
 
 from fedmeta.config import RunConfig
 from fedmeta.privacy import epsilon_spent
+from fedmeta.tasks import build_federation
+from simulations.cli import load_preset
 from simulations.inprocess import simulate
 
 
@@ -34,21 +39,41 @@ def noise_for(epsilon: float, *, rounds: int, sample: int, population: int, delt
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clients", type=int, default=2000)
+    parser.add_argument("--dataset", default="sinusoid", choices=["sinusoid", "omniglot"])
+    parser.add_argument("--data-dir", help="omniglot: the benchmark data directory")
+    parser.add_argument("--clients", type=int, default=2000, help="sinusoid: training clients")
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=100)
     parser.add_argument("--clip-norm", type=float, default=0.5)
     parser.add_argument("--algorithms", nargs="+", default=["reptile", "fomaml"])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1, 2, 4, 8, math.inf])
-    parser.add_argument("--out", default="benchmarks/results/privacy_utility.jsonl")
+    parser.add_argument("--out", help="default: benchmarks/results/privacy_utility[_omniglot].jsonl")
     args = parser.parse_args()
-    delta = 1 / args.clients**1.1
+    if args.out is None:
+        suffix = "_omniglot" if args.dataset == "omniglot" else ""
+        args.out = f"benchmarks/results/privacy_utility{suffix}.jsonl"
+    if args.dataset == "omniglot":
+        data = {
+            "data.dataset": "omniglot",
+            "data.partition": "alphabet-drawer",
+            "data.drawers_per_client": 2,
+            "episode.ways": 5,
+            "episode.shots": 1,
+            "episode.queries": 1,
+            "eval.eval_clients": 20,
+            "eval.eval_tasks_per_client": 10,
+            **({"data.data_dir": args.data_dir} if args.data_dir else {}),
+        }
+        population = len(build_federation(RunConfig().replace(**data).data, seed=0).train_clients)
+    else:
+        data = {"data.num_train_clients": args.clients, "data.num_unseen_clients": 20}
+        population = args.clients
+    delta = 1 / population**1.1
     for algorithm in args.algorithms:
         for epsilon in args.epsilons:
             overrides = {
+                **data,
                 "algorithm": algorithm,
-                "data.num_train_clients": args.clients,
-                "data.num_unseen_clients": 20,
                 "federation.rounds": args.rounds,
                 "federation.clients_per_round": args.per_round,
                 "federation.tasks_per_client": 1,
@@ -56,7 +81,7 @@ def main() -> None:
             }
             z = None
             if math.isfinite(epsilon):
-                z = noise_for(epsilon, rounds=args.rounds, sample=args.per_round, population=args.clients, delta=delta)
+                z = noise_for(epsilon, rounds=args.rounds, sample=args.per_round, population=population, delta=delta)
                 overrides.update(
                     {
                         "privacy.mode": "central",
@@ -65,27 +90,34 @@ def main() -> None:
                         "privacy.delta": delta,
                     }
                 )
-            if algorithm == "fomaml":
+            if algorithm == "fomaml" and args.dataset == "sinusoid":
                 overrides.update({"inner.inner_steps": 1, "inner.inner_lr": 0.02})
-            config = RunConfig().replace(**overrides)
+            # Omniglot: the algorithm's recipe from simulations/presets (as in benchmarks/omniglot_accuracy.py).
+            base = (
+                RunConfig.from_dict(load_preset(f"omniglot-{algorithm}")) if args.dataset == "omniglot" else RunConfig()
+            )
+            config = base.replace(**{"eval.curve_every": 0, **overrides})
             started = time.perf_counter()
-            summary = simulate(config, Path("runs/privacy") / f"{algorithm}-eps{epsilon:g}", progress=False)
+            out = Path("runs/privacy") / f"{args.dataset}-{algorithm}-eps{epsilon:g}"
+            summary = simulate(config, out, progress=False)
             meta = summary["results"]["meta"]["over_tasks"]
+            metric = "accuracy" if args.dataset == "omniglot" else "mse"
+            last = config.inner.eval_steps
+            steps = sorted({0, 1, last // 2, last})
             row = {
+                "dataset": args.dataset,
                 "algorithm": algorithm,
                 "target_epsilon": None if math.isinf(epsilon) else epsilon,
                 "spent_epsilon": summary["privacy"]["epsilon"] if summary["privacy"] else None,
                 "delta": delta,
                 "noise_multiplier": z,
                 "clip_norm": args.clip_norm if z else None,
-                "clients": args.clients,
+                "clients": population,
                 "clients_per_round": args.per_round,
                 "rounds": args.rounds,
-                "mse_k0": meta[0]["mean"],
-                "mse_k5": meta[5]["mean"],
-                "mse_k10": meta[10]["mean"],
-                "ci95_k10": meta[10]["ci95"],
-                "random_init_k10": summary["results"]["random_init"]["over_tasks"][10]["mean"],
+                **{f"{metric}_k{k}": meta[k]["mean"] for k in steps},
+                f"ci95_k{last}": meta[last]["ci95"],
+                f"random_init_k{last}": summary["results"]["random_init"]["over_tasks"][last]["mean"],
                 "seconds": time.perf_counter() - started,
             }
             print(json.dumps(row), flush=True)

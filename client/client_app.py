@@ -9,18 +9,25 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from fedmeta import wire
 from fedmeta.config import RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
-from server.records import get_int, record_to_params, update_to_content
+from server.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+SECURE_PARAMS = "fitins.parameters"  # where a legacy FitIns (SecAgg+ rounds) keeps the meta-parameters
 
 
 class PartitionError(ValueError):
@@ -34,9 +41,10 @@ def _experiment(config: RunConfig) -> Experiment:
     return Experiment.from_config(config)
 
 
-def _setup(message: Message, context: Context) -> tuple[Experiment, str, int]:
-    """This node's experiment, role (train/unseen) and client index, from the message and the node config."""
-    flat = dict(message.content.config_records[wire.CONFIG])
+def _setup(message: Message, context: Context, flat: dict[str, Any] | None = None) -> tuple[Experiment, str, int]:
+    """This node's experiment, role (train/unseen) and client index, from the message (or the given flat
+    config) and the node config."""
+    flat = dict(message.content.config_records[wire.CONFIG] if flat is None else flat)
     flat.pop(wire.ROUND, None)
     if "data-dir" in context.node_config:  # the node's own data location wins over the server's default
         flat["data.data_dir"] = str(context.node_config["data-dir"])
@@ -83,20 +91,46 @@ def query(message: Message, context: Context) -> Message:
     return Message(RecordDict({wire.CLIENT: _client_record(experiment, role, index)}), reply_to=message)
 
 
-@app.train()
+def secure_aggregation_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's SecAgg+ client protocol for train messages that carry its stage (the server enabled
+    secure aggregation); plain train messages go straight to `train`."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(message: Message, context: Context) -> Message:
-    """The client part: meta-parameters + this client's tasks for the round -> an update."""
-    experiment, role, index = _setup(message, context)
+    """The client part: meta-parameters + this client's tasks for the round -> an update.
+
+    Under SecAgg+ the request is the legacy `FitIns` (positional arrays) and the reply a `FitRes` whose arrays
+    `secaggplus_mod` quantises and masks before anything leaves the node.
+    """
+    secure = SECURE_PARAMS in message.content.array_records
+    fit = compat.recorddict_to_fitins(message.content, keep_input=True) if secure else None
+    experiment, role, index = _setup(message, context, dict(fit.config) if fit else None)
     if role != wire.ROLE_TRAIN:
         raise PartitionError(
             f"unseen client {index} was asked to train; only partitions below "
             f"{len(experiment.federation.train_clients)} train"
         )
-    params = record_to_params(message.content.array_records[wire.PARAMS])
-    round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
+    if fit is None:
+        params = record_to_params(message.content.array_records[wire.PARAMS])
+        round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
+    else:
+        try:
+            params = arrays_to_params(parameters_to_ndarrays(fit.parameters), experiment.initial_params())
+        except ValueError as error:
+            raise ValueError(f"the server's model does not match this client's: {error}") from None
+        round_index = int(fit.config[wire.ROUND])
     update = experiment.client_update(params, index, round_index)
-    client_id = experiment.federation.train_clients[index].client_id
-    return Message(update_to_content(update, client_id=client_id), reply_to=message)
+    if fit is None:
+        client_id = experiment.federation.train_clients[index].client_id
+        return Message(update_to_content(update, client_id=client_id), reply_to=message)
+    arrays = update_to_arrays(update, experiment.config.secagg.clipping_range)
+    # Weight 1 (the workflow's max_weight is 1): the server gets the plain mean. No metrics in the clear.
+    reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples=1, metrics={})
+    return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=message)
 
 
 @app.evaluate()

@@ -248,6 +248,47 @@ class PrivacyConfig:
         return self.mode != "off"
 
 
+# Flower's SecAgg+ masks vectors modulo 2**32; the sum of a round's quantised updates must stay below it.
+SECAGG_MODULUS = 2**32
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation of the updates with Flower's SecAgg+ (Bell et al. 2020, arXiv:2005.00304).
+
+    Clients mask their quantised updates so that the server learns only their sum. Runs over Flower (Ray
+    simulation or a deployment); the in-process loop has no server to hide from and refuses it.
+    """
+
+    enabled: bool = False
+    # Each client shares its keys with this fraction of the round's clients (1.0: all of them, plain SecAgg).
+    num_shares: float = 1.0
+    # Fraction of those shares needed to unmask; a client whose neighbours drop below it aborts the round.
+    reconstruction_threshold: float = 0.5
+    # Every coordinate is clipped to [-R, R] and quantised to `quantization_range` levels (step 2R/levels).
+    clipping_range: float = 8.0
+    quantization_range: int = 2**22
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), f"secagg.enabled must be true or false, got {self.enabled!r}")
+        for name in ("num_shares", "reconstruction_threshold"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1,
+                f"secagg.{name} must be a fraction in (0, 1], got {value!r}",
+            )
+        _positive_float("secagg.clipping_range", self.clipping_range)
+        _positive_int("secagg.quantization_range", self.quantization_range)
+        _require(
+            self.quantization_range < SECAGG_MODULUS // 2,
+            f"secagg.quantization_range must be below 2**31, got {self.quantization_range}",
+        )
+
+    def max_clients(self) -> int:
+        """The most clients per round whose quantised sum cannot wrap around the modulus."""
+        return (SECAGG_MODULUS - 1) // self.quantization_range
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one run needs; saved beside every checkpoint so a run can be evaluated or repeated.
@@ -263,6 +304,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
@@ -272,6 +314,12 @@ class RunConfig:
             _require(
                 self.data.dataset != "sinusoid",
                 "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
+        if self.secagg.enabled:
+            # Adaptive clipping needs each client's "was I clipped" bit; under SecAgg+ the server never sees it.
+            _require(
+                not self.privacy.adaptive_clipping,
+                "privacy.adaptive_clipping cannot be combined with secagg (the server sees only the sum)",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -288,6 +336,7 @@ class RunConfig:
             "federation": FederationConfig,
             "eval": EvalConfig,
             "privacy": PrivacyConfig,
+            "secagg": SecAggConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")
@@ -315,8 +364,17 @@ class RunConfig:
 
     @classmethod
     def from_flat(cls, flat: dict[str, Any]) -> RunConfig:
-        """Inverse of `to_flat`; keys left out keep their defaults, unknown keys are an error."""
-        return cls().replace(**flat)
+        """Inverse of `to_flat`; keys left out keep their defaults, unknown keys are an error.
+
+        An empty string leaves an optional key unset (Flower's run config, being TOML, has no null).
+        """
+        defaults = cls().to_dict()
+
+        def unset(dotted: str) -> bool:
+            section, _, key = dotted.rpartition(".")
+            return section in defaults and defaults[section].get(key, "") is None
+
+        return cls().replace(**{k: None if v == "" and unset(k) else v for k, v in flat.items()})
 
     def replace(self, **overrides: Any) -> RunConfig:
         """Return a copy with dotted overrides applied, e.g. `{"inner.inner_lr": 0.1}`."""

@@ -16,7 +16,7 @@ from fedmeta.algorithms import Algorithm, build_algorithm
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.models import build_model
 from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
-from fedmeta.round import ServerState, apply_round, init_state
+from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
@@ -85,9 +85,10 @@ class Outer:
     def step(
         self,
         state: ServerState,
-        updates: Sequence[tuple[str, ClientUpdate]],
+        updates: Sequence[tuple[str, ClientUpdate]] | SecureSum,
         round_index: int,
     ) -> tuple[ServerState, dict[str, float]]:
+        """One outer step from the round's individual updates, or from their secure sum under SecAgg+."""
         privacy = self.privacy
         generator = None
         if privacy is not None:
@@ -97,8 +98,14 @@ class Outer:
                 round_index=round_index,
                 stream=0,
             )
-        state, metrics = apply_round(
-            state, updates, self.optimizer, privacy=privacy, sampled=self.sampled, generator=generator
+        step = apply_secure_sum if isinstance(updates, SecureSum) else apply_round
+        state, metrics = step(
+            state,
+            updates,  # type: ignore[arg-type]
+            self.optimizer,
+            privacy=privacy,
+            sampled=self.sampled,
+            generator=generator,
         )
         epsilon = self.epsilon(state)
         if epsilon is not None:
@@ -136,6 +143,26 @@ class Outer:
             "accountant": "RDP, dp-accounting",
         }
 
+    def check(self) -> None:
+        """Everything about the server side that can be refused before round 1."""
+        self.check_budget()
+        secagg = self.config.secagg
+        if not secagg.enabled:
+            return
+        if not 2 <= self.sampled <= secagg.max_clients():
+            raise ConfigError(
+                f"secure aggregation needs 2..{secagg.max_clients()} clients per round at "
+                f"secagg.quantization_range={secagg.quantization_range}, got {self.sampled}"
+            )
+        p = self.config.privacy
+        if p.enabled and p.clip_norm > secagg.clipping_range:
+            log.warning(
+                "privacy.clip_norm %g exceeds secagg.clipping_range %g: coordinates of a clipped update may be "
+                "clipped again before quantisation",
+                p.clip_norm,
+                secagg.clipping_range,
+            )
+
     def check_budget(self) -> None:
         """Refuse to start a run whose planned rounds would exceed `privacy.target_epsilon`."""
         target = self.config.privacy.target_epsilon
@@ -170,7 +197,7 @@ class Experiment:
             federation = build_federation(config.data, seed=config.federation.seed)
             ep = config.episode
             federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
-            Outer(config, len(federation.train_clients)).check_budget()
+            Outer(config, len(federation.train_clients)).check()
         name = algorithm or config.algorithm
         return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
 
@@ -241,8 +268,12 @@ class Experiment:
         )
         update = self.algorithm.client_update(params, tasks)
         p = self.config.privacy
-        if self.is_baseline or p.mode not in ("distributed", "local"):
+        if self.is_baseline or not p.enabled:
             return update
+        if p.mode == "central":
+            # Under secure aggregation the server cannot clip what it never sees: the client clips, the
+            # server adds the noise to the sum.
+            return ClientPrivacy(p.clip_norm, 0.0).privatize(update, None) if self.config.secagg.enabled else update
         # Distributed: each of the m sampled clients adds 1/m of the noise variance; local: all of it.
         share = self.outer.sampled if p.mode == "distributed" else 1
         client_dp = ClientPrivacy(clip_norm=p.clip_norm, noise_std=p.noise_multiplier * p.clip_norm / share**0.5)

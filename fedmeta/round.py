@@ -33,6 +33,18 @@ class ServerState:
     dp_releases: tuple[float, ...] = ()
 
 
+@dataclass(frozen=True)
+class SecureSum:
+    """All the server learns from a round under secure aggregation: the mean of `count` updates, no single one.
+
+    Under SecAgg+ every client counts once (the weight is not sent in the clear), which equals the task-count
+    weighting whenever clients train on the same number of tasks - as fedmeta's clients do.
+    """
+
+    mean: Params
+    count: int
+
+
 class RejectedUpdate(ValueError):
     """A client update that must not reach the meta-parameters."""
 
@@ -99,11 +111,57 @@ def apply_round(
         )
         releases = (*releases, privacy.release_multiplier(replied=len(accepted), sampled=asked))
         metrics.update(dp_metrics)
-    params, opt_state = optimizer.step(state.params, direction, state.opt_state)
     metrics["tasks"] = sum(weights)
-    metrics["direction_norm"] = global_norm(direction)
     for name in accepted[0][1].metrics:
         metrics[name] = sum(w * u.metrics[name] for w, (_, u) in zip(weights, accepted, strict=True)) / sum(weights)
+    return _step(state, direction, optimizer, clip_norm, releases, metrics)
+
+
+def apply_secure_sum(
+    state: ServerState,
+    secure: SecureSum,
+    optimizer: OuterOptimizer,
+    *,
+    privacy: ServerPrivacy | None = None,
+    sampled: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[ServerState, dict[str, float]]:
+    """One outer step from a securely aggregated mean (the clients clipped, and noised if distributed).
+
+    The mean is checked like an update (keys, shapes, finiteness); a bad one leaves the state unchanged.
+    """
+    try:
+        check_update(ClientUpdate(secure.mean, max(secure.count, 1), {}), state.params)
+        if secure.count <= 0:
+            raise RejectedUpdate(f"a secure sum of {secure.count} updates")
+    except RejectedUpdate as reason:
+        log.warning("round %d: rejected the secure aggregate: %s", state.round + 1, reason)
+        return replace(state, round=state.round + 1), {"clients": 0, "rejected": 1}
+    metrics: dict[str, float] = {"clients": secure.count, "rejected": 0}
+    clip_norm, releases = state.clip_norm, state.dp_releases
+    direction = secure.mean
+    if privacy is not None:
+        if clip_norm is None or generator is None:
+            raise ValueError("a private round needs the state's clip norm and a noise generator")
+        asked = sampled if sampled is not None else secure.count
+        direction = privacy.release(
+            direction, replied=secure.count, sampled=asked, clip_norm=clip_norm, generator=generator
+        )
+        releases = (*releases, privacy.release_multiplier(replied=secure.count, sampled=asked))
+        metrics["clip_norm"] = clip_norm
+    return _step(state, direction, optimizer, clip_norm, releases, metrics)
+
+
+def _step(
+    state: ServerState,
+    direction: Params,
+    optimizer: OuterOptimizer,
+    clip_norm: float | None,
+    releases: tuple[float, ...],
+    metrics: dict[str, float],
+) -> tuple[ServerState, dict[str, float]]:
+    params, opt_state = optimizer.step(state.params, direction, state.opt_state)
+    metrics["direction_norm"] = global_norm(direction)
     return ServerState(
         params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm, dp_releases=releases
     ), metrics

@@ -53,3 +53,37 @@ def get_int(record: ConfigRecord | MetricRecord, key: str) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"record field {key!r} must be an integer, got {value!r}")
     return value
+
+
+# -- SecAgg+: updates travel as a positional list of arrays (Flower's legacy `Parameters`) -----------------------
+
+
+def update_to_arrays(update: ClientUpdate, clipping_range: float) -> list[np.ndarray]:
+    """A client's direction in sorted-name order, then one statistic the secure sum averages for free: the
+    fraction of coordinates outside [-R, R], which SecAgg+ clips before quantising (so the server can warn)."""
+    arrays = [np.ascontiguousarray(update.direction[k].detach().cpu().numpy()) for k in sorted(update.direction)]
+    entries = sum(a.size for a in arrays)
+    outside = sum(int((np.abs(a) > clipping_range).sum()) for a in arrays)
+    # Sent as fraction * R, inside the range every coordinate is clipped to.
+    return [*arrays, np.array([clipping_range * outside / max(entries, 1)], dtype=np.float32)]
+
+
+def arrays_to_params(arrays: list[np.ndarray], template: Params) -> Params:
+    """Name positional arrays after `template` (sorted names), checking count and shapes; cast to its dtypes."""
+    names = sorted(template)
+    if len(arrays) != len(names):
+        raise ValueError(f"expected {len(names)} arrays ({', '.join(names)}), got {len(arrays)}")
+    params = {}
+    for name, array in zip(names, arrays, strict=True):
+        if tuple(array.shape) != tuple(template[name].shape):
+            raise ValueError(f"{name}: got shape {tuple(array.shape)}, expected {tuple(template[name].shape)}")
+        params[name] = torch.from_numpy(np.array(array, copy=True)).to(template[name].dtype)
+    return params
+
+
+def arrays_to_secure_mean(arrays: list[np.ndarray], template: Params, clipping_range: float) -> tuple[Params, float]:
+    """Inverse of `update_to_arrays` on the securely averaged list: (mean direction, mean out-of-range fraction)."""
+    if not arrays:
+        raise ValueError("empty secure aggregate")
+    *direction, stats = arrays
+    return arrays_to_params(direction, template), float(np.asarray(stats).reshape(-1)[0]) / clipping_range

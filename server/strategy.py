@@ -25,10 +25,11 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary, make_summary, summarise
 from fedmeta.experiment import Outer, initial_params, meta_algorithm
 from fedmeta.metrics import JsonlSink
-from fedmeta.round import ServerState
+from fedmeta.round import SecureSum, ServerState
 from fedmeta.sampling import sample_clients
 from fedmeta.types import ClientUpdate
 from server.records import content_to_update, get_int, params_to_record
+from server.secagg import secure_round
 
 log = logging.getLogger(__name__)
 SERVER_PREFIX = "server."
@@ -98,7 +99,7 @@ class MetaServer:
         train_nodes, unseen_nodes = self.discover(grid)
         init = initial_params(self.algorithm, self.config.federation.seed)
         outer = Outer(self.config, self._num_train)
-        outer.check_budget()
+        outer.check()
         state = outer.initial_state(init)
         started = time.perf_counter()
         with JsonlSink(self.out / "metrics.jsonl") as sink:
@@ -192,15 +193,84 @@ class MetaServer:
             count=fed.clients_in_round(self._num_train),
         )
         present = [c for c in chosen if c in nodes]
+        payload: list[tuple[str, ClientUpdate]] | SecureSum | None
+        if self.config.secagg.enabled:
+            result = secure_round(
+                grid,
+                params=state.params,
+                config={**self.config.to_flat(), wire.ROUND: round_index},
+                node_ids=[nodes[c].node_id for c in present],
+                secagg=self.config.secagg,
+                round_number=round_index + 1,
+                timeout=self.options.round_timeout,
+            )
+            payload = result.secure
+            replies = payload.count if payload is not None else 0
+            # SecAgg+ does not tell a timed-out client from a failed one: both are counted as failed.
+            failed, timed_out = len(present) - replies, 0
+            extra = {"secagg_out_of_range": result.out_of_range}
+            if result.out_of_range > 0:
+                log.warning(
+                    "round %d: %.2g of the update coordinates exceeded secagg.clipping_range %g and were clipped",
+                    round_index + 1,
+                    result.out_of_range,
+                    self.config.secagg.clipping_range,
+                )
+        else:
+            payload, failed = self._train_replies(grid, state, round_index, [nodes[c].node_id for c in present])
+            replies, extra = len(payload), {}
+            timed_out = len(present) - replies - failed
+        needed = self.options.min_replies or len(chosen)
+        counts = {
+            "sampled": len(chosen),
+            "absent": len(chosen) - len(present),
+            "failed": failed,
+            "timed_out": timed_out,
+        }
+        if payload is None or replies < needed:
+            log.warning(
+                "round %d: %d replies, fewer than the %d required; meta-parameters unchanged",
+                round_index + 1,
+                replies,
+                needed,
+            )
+            round_metrics: dict[str, float] = {"skipped": 1}
+            state = replace(state, round=state.round + 1)
+        else:
+            state, round_metrics = outer.step(state, payload, round_index)
+            round_metrics.update(extra)
+        metrics = {
+            "phase": "meta",
+            "round": state.round,
+            "seconds": time.perf_counter() - started,
+            **counts,
+            **round_metrics,
+        }
+        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
+        log.info(
+            "round %d/%d: %d/%d replies %s (%.2f s)",
+            state.round,
+            fed.rounds,
+            replies,
+            len(chosen),
+            shown,
+            metrics["seconds"],
+        )
+        return state, metrics
+
+    def _train_replies(
+        self, grid: Grid, state: ServerState, round_index: int, node_ids: list[int]
+    ) -> tuple[list[tuple[str, ClientUpdate]], int]:
+        """Send the round's train messages; (decoded updates, number of failed or malformed replies)."""
         params = params_to_record(state.params)
         messages = [
             Message(
                 RecordDict({wire.PARAMS: params, wire.CONFIG: self._config_record(**{wire.ROUND: round_index})}),
-                dst_node_id=nodes[c].node_id,
+                dst_node_id=node_id,
                 message_type="train",
                 group_id=str(round_index + 1),
             )
-            for c in present
+            for node_id in node_ids
         ]
         updates: list[tuple[str, ClientUpdate]] = []
         failed = 0
@@ -218,42 +288,7 @@ class MetaServer:
                 log.warning(
                     "round %d: malformed reply from node %s: %r", round_index + 1, reply.metadata.src_node_id, error
                 )
-        needed = self.options.min_replies or len(chosen)
-        counts = {
-            "sampled": len(chosen),
-            "absent": len(chosen) - len(present),
-            "failed": failed,
-            "timed_out": len(present) - len(updates) - failed,
-        }
-        if len(updates) < needed:
-            log.warning(
-                "round %d: %d replies, fewer than the %d required; meta-parameters unchanged",
-                round_index + 1,
-                len(updates),
-                needed,
-            )
-            round_metrics: dict[str, float] = {"skipped": 1}
-            state = replace(state, round=state.round + 1)
-        else:
-            state, round_metrics = outer.step(state, updates, round_index)
-        metrics = {
-            "phase": "meta",
-            "round": state.round,
-            "seconds": time.perf_counter() - started,
-            **counts,
-            **round_metrics,
-        }
-        shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float) and k != "seconds")
-        log.info(
-            "round %d/%d: %d/%d replies %s (%.2f s)",
-            state.round,
-            fed.rounds,
-            len(updates),
-            len(chosen),
-            shown,
-            metrics["seconds"],
-        )
-        return state, metrics
+        return updates, failed
 
     def evaluate(self, grid: Grid, models: dict[str, Any], nodes: dict[int, Node]) -> dict[str, Any]:
         """Personalised evaluation on the first `eval_clients` unseen clients that are connected."""

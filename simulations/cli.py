@@ -51,6 +51,8 @@ OPTION_MAP = {
     "adaptive_clipping": "privacy.adaptive_clipping",
     "delta": "privacy.delta",
     "target_epsilon": "privacy.target_epsilon",
+    "secagg": "secagg.enabled",
+    "secagg_clipping_range": "secagg.clipping_range",
 }
 
 
@@ -117,6 +119,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adaptive-clipping", action="store_true", default=None, help="DP: adapt C to the median norm")
     p.add_argument("--delta", type=float, help="DP: delta of the reported epsilon (default 1/N^1.1)")
     p.add_argument("--target-epsilon", type=float, help="DP: refuse to start if the run would spend more")
+    p.add_argument(
+        "--secagg",
+        action="store_true",
+        default=None,
+        help="secure aggregation with Flower's SecAgg+: the server sees only the sum (ray engine / deployment)",
+    )
+    p.add_argument("--secagg-clipping-range", type=float, help="SecAgg+: each coordinate is clipped to [-R, R]")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,6 +39,11 @@ def train(
     on_round: Callable[[ServerState], dict[str, float]] | None = None,
 ) -> ServerState:
     """Run rounds `state.round + 1 .. experiment.rounds` of federated training; return the final state."""
+    if experiment.config.secagg.enabled:
+        raise ConfigError(
+            "secure aggregation hides updates from a server; the in-process loop has none. "
+            "Use --engine ray or a deployment (fedmeta server/client/run)"
+        )
     seed = experiment.config.federation.seed
     clients = experiment.federation.train_clients
     outer = experiment.outer

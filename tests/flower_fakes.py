@@ -6,6 +6,7 @@ misbehave on purpose. Real transports are covered by tests/integration (Ray) and
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -13,7 +14,26 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
+from fedmeta.config import RunConfig
+
 Handler = Callable[[Message, Context], Message]
+
+# A federation of 4 training + 2 unseen sinusoid clients, small enough for a whole run in well under a second.
+SMALL = {
+    "data.num_train_clients": 4,
+    "data.num_unseen_clients": 2,
+    "federation.rounds": 3,
+    "federation.clients_per_round": 3,
+    "federation.tasks_per_client": 2,
+    "eval.eval_clients": 2,
+    "eval.eval_tasks_per_client": 3,
+    "inner.eval_steps": 2,
+    "eval.fedavg_rounds": 0,
+}
+
+
+def small(**overrides: object) -> RunConfig:
+    return RunConfig().replace(**{**SMALL, **overrides})
 
 
 class InProcessGrid(Grid):
@@ -59,7 +79,8 @@ class InProcessGrid(Grid):
             self.sent.append(message)
             node = message.metadata.dst_node_id
             try:
-                reply = self.handlers[node](message, self.contexts[node])
+                # Each node gets its own copy, as over a network (handlers may modify what they receive).
+                reply = self.handlers[node](copy.deepcopy(message), self.contexts[node])
             except Exception as error:  # noqa: BLE001 - what Flower's SuperNode does: the error travels back
                 reply = Message(Error(code=0, reason=f"{type(error).__name__}: {error}"), reply_to=message)
             if reply is not None:  # None: the node never answers (a timeout)

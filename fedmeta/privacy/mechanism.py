@@ -63,9 +63,11 @@ class ClientPrivacy:
     clip_norm: float
     noise_std: float  # per client: z C / sqrt(m) (distributed) or z C (local); 0 in central mode
 
-    def privatize(self, update: ClientUpdate, generator: torch.Generator) -> ClientUpdate:
+    def privatize(self, update: ClientUpdate, generator: torch.Generator | None) -> ClientUpdate:
         clipped, norm = clip_to_norm(update.direction, self.clip_norm)
         if self.noise_std > 0:
+            if generator is None:
+                raise ValueError("a noised update needs a noise generator")
             noise = gaussian_like(clipped, self.noise_std, generator)
             clipped = {k: v + noise[k] for k, v in clipped.items()}
         return ClientUpdate(clipped, update.num_tasks, {**update.metrics, "update_norm": norm})
@@ -97,6 +99,22 @@ class ServerPrivacy:
             return self.accounted_multiplier * math.sqrt(replied / sampled)
         return self.accounted_multiplier  # central; local: each client's own release
 
+    def release(
+        self, mean: Params, *, replied: int, sampled: int, clip_norm: float, generator: torch.Generator
+    ) -> Params:
+        """The private release from the mean of `replied` clipped updates: (their sum + central noise) / m.
+
+        Computed as the mean times n / m, so that with no noise and full participation it equals the
+        non-private average bit for bit. Under secure aggregation this is all the server does: the clients
+        clipped, and the server sees only the sum.
+        """
+        if replied != sampled:
+            mean = {k: v * (replied / sampled) for k, v in mean.items()}
+        if self.mode == "central" and self.noise_multiplier > 0:
+            noise = gaussian_like(mean, self.noise_multiplier * clip_norm / sampled, generator)
+            mean = {k: v + noise[k] for k, v in mean.items()}
+        return mean
+
     def aggregate(
         self, directions: Sequence[Params], *, clip_norm: float, sampled: int, generator: torch.Generator
     ) -> tuple[Params, float, dict[str, float]]:
@@ -105,14 +123,9 @@ class ServerPrivacy:
             clipped, norms = zip(*(clip_to_norm(d, clip_norm) for d in directions), strict=True)
         else:
             clipped, norms = tuple(directions), tuple(global_norm(d) for d in directions)
-        # mean over the m clients asked = (sum of the n replies) / m; computed as the plain mean times n / m so
-        # that with no noise and full participation it equals the non-private average bit for bit.
-        mean = tree_mean(list(clipped))
-        if len(clipped) != sampled:
-            mean = {k: v * (len(clipped) / sampled) for k, v in mean.items()}
-        if self.mode == "central" and self.noise_multiplier > 0:
-            noise = gaussian_like(mean, self.noise_multiplier * clip_norm / sampled, generator)
-            mean = {k: v + noise[k] for k, v in mean.items()}
+        mean = self.release(
+            tree_mean(list(clipped)), replied=len(clipped), sampled=sampled, clip_norm=clip_norm, generator=generator
+        )
         metrics = {"clip_norm": clip_norm, "clipped_fraction": sum(n > clip_norm for n in norms) / len(norms)}
         next_clip = clip_norm
         if self.adaptive:

@@ -69,3 +69,18 @@ def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: 
     assert all(torch.equal(ray_state.params[k], local_state.params[k]) for k in local_state.params)
     table = [line for line in ray_printed.splitlines() if line.strip().startswith(("meta", "random_init"))]
     assert len(table) == 2 and all(line in local_printed for line in table)  # the same personalised result
+
+
+def test_ray_simulation_with_secagg_matches_the_plain_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sgd = ["--outer-optimizer", "sgd", "--outer-lr", "0.5"]
+    with private_homes() as env:
+        for key in ("FLWR_HOME", "RAY_TMPDIR", "FLWR_TELEMETRY_ENABLED"):
+            monkeypatch.setitem(os.environ, key, env[key])
+        argv = ["simulate", "--engine", "ray", "--secagg", *ARGS, *sgd, "--out", str(tmp_path / "sa")]
+        assert main(argv) == 0
+    assert main(["simulate", "--engine", "local", *ARGS, *sgd, "--out", str(tmp_path / "local")]) == 0
+
+    secure = load_checkpoint(tmp_path / "sa" / "checkpoint.pt")[1]
+    plain = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert secure.round == 3
+    assert all(torch.allclose(secure.params[k], plain.params[k], rtol=0, atol=1e-4) for k in plain.params)

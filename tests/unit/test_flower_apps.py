@@ -22,19 +22,7 @@ from fedmeta.types import ClientUpdate
 from server.records import content_to_update, get_int, params_to_record, record_to_params, update_to_content
 from server.strategy import MetaServer, ServerOptions, parse_run_config
 from simulations.inprocess import simulate
-from tests.flower_fakes import InProcessGrid, restore_task_identity, set_task_identity
-
-SMALL = {
-    "data.num_train_clients": 4,
-    "data.num_unseen_clients": 2,
-    "federation.rounds": 3,
-    "federation.clients_per_round": 3,
-    "federation.tasks_per_client": 2,
-    "eval.eval_clients": 2,
-    "eval.eval_tasks_per_client": 3,
-    "inner.eval_steps": 2,
-    "eval.fedavg_rounds": 0,
-}
+from tests.flower_fakes import InProcessGrid, restore_task_identity, set_task_identity, small
 
 
 @pytest.fixture(autouse=True)
@@ -42,10 +30,6 @@ def _task_identity():
     old = set_task_identity()
     yield
     restore_task_identity(old)
-
-
-def small(**overrides) -> RunConfig:
-    return RunConfig().replace(**{**SMALL, **overrides})
 
 
 def context(partition: int, num_partitions: int = 6, **extra) -> Context:
@@ -95,6 +79,11 @@ def test_the_flower_app_config_in_pyproject_is_valid() -> None:
     config, options = parse_run_config(dict(run_config))
     assert config.data.num_train_clients + config.data.num_unseen_clients == 3
     assert options.out_dir == "runs/flower"
+    assert config.privacy.delta is None and config.federation.client_fraction is None  # "" = unset
+    # Flower refuses --run-config keys that the app config lacks: every option must be settable in a deployment.
+    every_key = {f"{s}.{k}" for s, v in RunConfig().to_dict().items() if isinstance(v, dict) for k in v}
+    server_keys = {f"server.{k}" for k in ServerOptions.__dataclass_fields__}
+    assert set(run_config) == every_key | server_keys | {"algorithm"}
 
 
 def test_client_app_train_reply_equals_the_client_part_called_directly() -> None:
