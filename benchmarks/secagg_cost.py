@@ -32,7 +32,8 @@ from tests.flower_fakes import InProcessGrid, set_task_identity  # noqa: E402
 
 
 class CountingGrid(InProcessGrid):
-    """Adds up the serialised size of every message in both directions."""
+    """Adds up the serialised size of every training message in both directions (all SecAgg+ stages are
+    "train" messages; discovery and evaluation are left out)."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -40,10 +41,11 @@ class CountingGrid(InProcessGrid):
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = list(messages)
-        self.bytes_down += sum(message_to_proto(m).ByteSize() for m in messages)
         replies = list(super().send_and_receive(messages, timeout=timeout))
-        self.bytes_up += sum(message_to_proto(r).ByteSize() for r in replies)
-        self.messages += len(messages) + len(replies)
+        train = [m for m in [*messages, *replies] if m.metadata.message_type == "train"]
+        self.bytes_down += sum(message_to_proto(m).ByteSize() for m in train if m in messages)
+        self.bytes_up += sum(message_to_proto(m).ByteSize() for m in train if m in replies)
+        self.messages += len(train)
         return replies
 
 
@@ -79,16 +81,14 @@ def measure(config: RunConfig, out: Path, partitions: int | None) -> dict[str, f
         partitions = len(federation.train_clients) + len(federation.unseen_clients)
     grid = CountingGrid(client_app, num_partitions=partitions)
     MetaServer(config, ServerOptions(out_dir=str(out))).start(grid)
-    rounds = [r for r in read_jsonl(out / "metrics.jsonl") if r.get("phase") == "meta"]
-    seconds = [r["seconds"] for r in rounds]
-    n = len(rounds)
+    seconds = [r["seconds"] for r in read_jsonl(out / "metrics.jsonl") if r.get("phase") == "meta"]
+    rounds = len(seconds)
     return {
         "first_round_seconds": seconds[0],
-        "steady_round_seconds": statistics.median(seconds[1:]) if n > 1 else seconds[0],
-        # Per round, over the whole run (discovery and the evaluation round are included in the totals).
-        "total_bytes_down": grid.bytes_down,
-        "total_bytes_up": grid.bytes_up,
-        "messages": grid.messages,
+        "steady_round_seconds": statistics.median(seconds[1:]) if rounds > 1 else seconds[0],
+        "bytes_down_per_round": grid.bytes_down / rounds,
+        "bytes_up_per_round": grid.bytes_up / rounds,
+        "messages_per_round": grid.messages / rounds,
     }
 
 
@@ -115,17 +115,8 @@ def main() -> None:
         }
         for secagg in (False, True):
             config = config_for(args, clients, secagg)
-            # Message sizes of the training rounds alone: a run with the same setup and zero rounds is subtracted.
             name = "secagg" if secagg else "plain"
-            full = measure(config, root / f"{name}-{clients}", None)
-            base = measure(config.replace(**{"federation.rounds": 0}), root / f"{name}-{clients}-0", None)
-            row[name] = {
-                "first_round_seconds": full["first_round_seconds"],
-                "steady_round_seconds": full["steady_round_seconds"],
-                "bytes_down_per_round": (full["total_bytes_down"] - base["total_bytes_down"]) / args.rounds,
-                "bytes_up_per_round": (full["total_bytes_up"] - base["total_bytes_up"]) / args.rounds,
-                "messages_per_round": (full["messages"] - base["messages"]) / args.rounds,
-            }
+            row[name] = measure(config, root / f"{name}-{clients}", None)
             r = row[name]
             assert isinstance(r, dict)
             print(

@@ -248,6 +248,30 @@ class PrivacyConfig:
         return self.mode != "off"
 
 
+@dataclass(frozen=True)
+class RobustConfig:
+    """Defences of the meta-update against broken or malicious clients (applied by the server)."""
+
+    # mean: the task-weighted average. median / trimmed-mean: coordinate-wise, every client counting once.
+    aggregator: str = "mean"
+    trim_fraction: float = 0.1  # trimmed-mean: fraction of clients dropped at each end, per coordinate
+    # Reject (and log) any update whose L2 norm exceeds this; unset: no bound beyond finiteness.
+    max_update_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        from fedmeta.robust import AGGREGATORS
+
+        _require(
+            self.aggregator in AGGREGATORS, f"robust.aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}"
+        )
+        _require(
+            isinstance(self.trim_fraction, int | float) and 0 <= self.trim_fraction < 0.5,
+            f"robust.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}",
+        )
+        if self.max_update_norm is not None:
+            _positive_float("robust.max_update_norm", self.max_update_norm)
+
+
 # Flower's SecAgg+ masks vectors modulo 2**32; the sum of a round's quantised updates must stay below it.
 SECAGG_MODULUS = 2**32
 
@@ -305,6 +329,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
@@ -314,6 +339,13 @@ class RunConfig:
             _require(
                 self.data.dataset != "sinusoid",
                 "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
+        if self.robust.aggregator != "mean":
+            # DP's sensitivity analysis is for the clipped mean; under SecAgg+ the server sees only the sum.
+            _require(
+                not self.privacy.enabled and not self.secagg.enabled,
+                f"robust.aggregator {self.robust.aggregator!r} needs individual updates in the clear: "
+                "it cannot be combined with privacy or secagg",
             )
         if self.secagg.enabled:
             # Adaptive clipping needs each client's "was I clipped" bit; under SecAgg+ the server never sees it.
@@ -337,6 +369,7 @@ class RunConfig:
             "eval": EvalConfig,
             "privacy": PrivacyConfig,
             "secagg": SecAggConfig,
+            "robust": RobustConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

@@ -98,15 +98,20 @@ class Outer:
                 round_index=round_index,
                 stream=0,
             )
-        step = apply_secure_sum if isinstance(updates, SecureSum) else apply_round
-        state, metrics = step(
-            state,
-            updates,  # type: ignore[arg-type]
-            self.optimizer,
-            privacy=privacy,
-            sampled=self.sampled,
-            generator=generator,
-        )
+        if isinstance(updates, SecureSum):
+            state, metrics = apply_secure_sum(
+                state, updates, self.optimizer, privacy=privacy, sampled=self.sampled, generator=generator
+            )
+        else:
+            state, metrics = apply_round(
+                state,
+                updates,
+                self.optimizer,
+                privacy=privacy,
+                sampled=self.sampled,
+                generator=generator,
+                robust=self.config.robust,
+            )
         epsilon = self.epsilon(state)
         if epsilon is not None:
             metrics["epsilon"] = epsilon

@@ -12,8 +12,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from fedmeta.config import RobustConfig
 from fedmeta.functional import tree_mean
 from fedmeta.privacy.mechanism import ServerPrivacy, global_norm
+from fedmeta.robust import coordinate_median, trimmed_mean
 from fedmeta.server_opt import OptState, OuterOptimizer
 from fedmeta.types import ClientUpdate, Params
 
@@ -79,6 +81,7 @@ def apply_round(
     privacy: ServerPrivacy | None = None,
     sampled: int | None = None,
     generator: torch.Generator | None = None,
+    robust: RobustConfig | None = None,
 ) -> tuple[ServerState, dict[str, float]]:
     """One outer step from `(client_id, update)` pairs; bad updates are logged and left out.
 
@@ -90,6 +93,10 @@ def apply_round(
     for client_id, update in sorted(updates, key=lambda pair: pair[0]):
         try:
             check_update(update, state.params)
+            if robust is not None and robust.max_update_norm is not None:
+                norm = global_norm(update.direction)
+                if norm > robust.max_update_norm:
+                    raise RejectedUpdate(f"norm {norm:.4g} exceeds robust.max_update_norm {robust.max_update_norm:g}")
         except RejectedUpdate as reason:
             log.warning("round %d: rejected update from client %s: %s", state.round + 1, client_id, reason)
             continue
@@ -101,7 +108,14 @@ def apply_round(
     weights = [float(u.num_tasks) for _, u in accepted]
     clip_norm, releases = state.clip_norm, state.dp_releases
     if privacy is None:
-        direction = tree_mean([u.direction for _, u in accepted], weights)
+        directions = [u.direction for _, u in accepted]
+        aggregator = robust.aggregator if robust is not None else "mean"
+        if aggregator == "median":
+            direction = coordinate_median(directions)
+        elif aggregator == "trimmed-mean":
+            direction = trimmed_mean(directions, robust.trim_fraction if robust is not None else 0.0)
+        else:
+            direction = tree_mean(directions, weights)
     else:
         if clip_norm is None or generator is None:
             raise ValueError("a private round needs the state's clip norm and a noise generator")

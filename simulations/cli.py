@@ -17,6 +17,7 @@ from typing import Any
 
 from fedmeta.checkpoint import CheckpointError
 from fedmeta.config import DATASETS, OMNIGLOT_PARTITIONS, OPTIMIZERS, PRIVACY_MODES, ConfigError, RunConfig
+from fedmeta.robust import AGGREGATORS
 from fedmeta.tasks import DataError
 
 # option dest -> dotted RunConfig field
@@ -53,6 +54,9 @@ OPTION_MAP = {
     "target_epsilon": "privacy.target_epsilon",
     "secagg": "secagg.enabled",
     "secagg_clipping_range": "secagg.clipping_range",
+    "aggregator": "robust.aggregator",
+    "trim_fraction": "robust.trim_fraction",
+    "max_update_norm": "robust.max_update_norm",
 }
 
 
@@ -126,6 +130,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         help="secure aggregation with Flower's SecAgg+: the server sees only the sum (ray engine / deployment)",
     )
     p.add_argument("--secagg-clipping-range", type=float, help="SecAgg+: each coordinate is clipped to [-R, R]")
+    p.add_argument(
+        "--aggregator", choices=AGGREGATORS, help="robust aggregation against malicious clients (default: mean)"
+    )
+    p.add_argument("--trim-fraction", type=float, help="trimmed-mean: fraction dropped at each end per coordinate")
+    p.add_argument("--max-update-norm", type=float, help="reject (and log) client updates with a larger L2 norm")
 
 
 def build_parser() -> argparse.ArgumentParser:
