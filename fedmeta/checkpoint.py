@@ -2,10 +2,15 @@
 
 Written atomically (temporary file, then rename), read back with `torch.load(weights_only=True)` so a
 checkpoint can never execute code.
+
+What a resumed run needs is all here: fedmeta keeps no random-number-generator state between rounds (client
+sampling, task draws and reproducible DP noise are functions of (seed, round, client)), and the privacy
+accountant's whole state is the list of noise multipliers released so far (`dp_releases`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,10 +18,12 @@ from typing import Any
 import torch
 
 from fedmeta.config import RunConfig
+from fedmeta.metrics import keep_rounds
 from fedmeta.round import ServerState
 from fedmeta.types import Params
 
 FORMAT = "fedmeta-checkpoint-v1"
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(RuntimeError):
@@ -62,3 +69,30 @@ def load_checkpoint(path: Path | str) -> tuple[RunConfig, ServerState, dict[str,
         dp_releases=tuple(payload.get("dp_releases", ())),
     )
     return config, state, payload["baselines"]
+
+
+def load_for_resume(path: Path | str, config: RunConfig) -> ServerState:
+    """The state to continue a run from; a clear error if the checkpoint is unreadable or from another run."""
+    saved, state, _ = load_checkpoint(path)
+    if saved != config:
+        now, then = config.to_flat(), saved.to_flat()
+        keys = [k for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+        diffs = [f"{k}: checkpoint {then.get(k)!r}, now {now.get(k)!r}" for k in keys]
+        raise CheckpointError(
+            f"{path} was written by another configuration ({'; '.join(diffs)}); resume with the same options, "
+            "or start afresh in another output directory"
+        )
+    return state
+
+
+def start_or_resume(out: Path, config: RunConfig, fresh: ServerState, *, resume: bool) -> ServerState:
+    """`fresh` (round 0), or with `resume` the state of `out`/checkpoint.pt, with metrics.jsonl cut back to it."""
+    checkpoint = out / "checkpoint.pt"
+    if resume:
+        state = load_for_resume(checkpoint, config)
+        kept = keep_rounds(out / "metrics.jsonl", phase="meta", last_round=state.round)
+        log.info("resuming from %s after round %d (%d metric rows kept)", checkpoint, state.round, kept)
+        return state
+    if checkpoint.exists():
+        log.warning("starting afresh: %s of an earlier run will be replaced (pass --resume to continue it)", checkpoint)
+    return fresh

@@ -34,6 +34,24 @@ class JsonlSink:
         self.close()
 
 
+def keep_rounds(path: Path | str, *, phase: str, last_round: int) -> int:
+    """Before a resume: keep the rows of `phase` up to `last_round` (the checkpoint's), drop the rest - rounds
+    logged after the last checkpoint and anything a killed run wrote later. Returns the rows kept."""
+    path = Path(path)
+    rows = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+    kept = [r for r in rows if r.get("phase") == phase and isinstance(r.get("round"), int) and r["round"] <= last_round]
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept), encoding="utf-8")
+    partial.replace(path)
+    return len(kept)
+
+
 def read_jsonl(path: Path | str) -> list[dict[str, Any]]:
     with Path(path).open(encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

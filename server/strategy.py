@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.serverapp import Grid
 
 from fedmeta import wire
-from fedmeta.checkpoint import save_checkpoint
+from fedmeta.checkpoint import save_checkpoint, start_or_resume
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary, make_summary, summarise
 from fedmeta.experiment import Outer, initial_params, meta_algorithm
@@ -46,6 +46,8 @@ class ServerOptions:
     min_replies: int = 0
     round_timeout: float = 600.0
     discovery_timeout: float = 120.0
+    # Continue from out_dir's checkpoint (same config) instead of starting at round 0.
+    resume: bool = False
 
     def __post_init__(self) -> None:
         for name in ("min_nodes", "min_replies"):
@@ -100,10 +102,10 @@ class MetaServer:
         init = initial_params(self.algorithm, self.config.federation.seed)
         outer = Outer(self.config, self._num_train)
         outer.check()
-        state = outer.initial_state(init)
+        state = start_or_resume(self.out, self.config, outer.initial_state(init), resume=self.options.resume)
         started = time.perf_counter()
-        with JsonlSink(self.out / "metrics.jsonl") as sink:
-            for round_index in range(self.config.federation.rounds):
+        with JsonlSink(self.out / "metrics.jsonl", append=self.options.resume) as sink:
+            for round_index in range(state.round, self.config.federation.rounds):
                 state, metrics = self.train_round(grid, outer, state, round_index, train_nodes)
                 sink.write(metrics)
                 save_checkpoint(self.out / "checkpoint.pt", config=self.config, state=state)

@@ -155,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="ray engine: GPU fraction per virtual client")
     sim.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
     ev = sub.add_parser("evaluate", help="personalised evaluation of a checkpoint on unseen clients")
     ev.add_argument("checkpoint")
@@ -280,10 +281,15 @@ def main(argv: list[str] | None = None) -> int:
                 from simulations.flower_sim import simulate_flower
 
                 summary = simulate_flower(
-                    config, args.out, num_cpus=args.cpus_per_client, num_gpus=args.gpus_per_client, verbose=args.verbose
+                    config,
+                    args.out,
+                    num_cpus=args.cpus_per_client,
+                    num_gpus=args.gpus_per_client,
+                    verbose=args.verbose,
+                    resume=args.resume,
                 )
             else:
-                summary = simulate(config, args.out, progress=not args.no_progress)
+                summary = simulate(config, args.out, progress=not args.no_progress, resume=args.resume)
             print(format_summary(summary))
             print(
                 f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "

@@ -24,6 +24,7 @@ def simulate_flower(
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
     round_timeout: float = 600.0,
+    resume: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Meta-train over Flower's Ray simulation engine; returns the summary the ServerApp wrote."""
@@ -45,7 +46,7 @@ def simulate_flower(
     if not verbose:  # one line per round from fedmeta; Flower's and Ray's internals only when they warn
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = ServerOptions(out_dir=str(out_dir), round_timeout=round_timeout)
+    options = ServerOptions(out_dir=str(out_dir), round_timeout=round_timeout, resume=resume)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {

@@ -16,7 +16,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from fedmeta.checkpoint import load_checkpoint, save_checkpoint
+from fedmeta.checkpoint import load_checkpoint, save_checkpoint, start_or_resume
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import make_summary, personalised_curves, summarise
 from fedmeta.experiment import Experiment, task_kind
@@ -111,18 +111,23 @@ def _curve(experiment: Experiment) -> Callable[[ServerState], dict[str, float]] 
     return score
 
 
-def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True) -> dict[str, Any]:
-    """Meta-train, train the FedAvg baseline, evaluate all on unseen clients; write everything to `out_dir`."""
+def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Meta-train, train the FedAvg baseline, evaluate all on unseen clients; write everything to `out_dir`.
+
+    `resume`: continue from `out_dir`'s checkpoint (written after every round) with the same config; the
+    result is bit-identical to an uninterrupted run.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     experiment = Experiment.from_config(config)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     init = experiment.initial_params()
-    with JsonlSink(out / "metrics.jsonl") as sink:
+    state = start_or_resume(out, config, experiment.outer.initial_state(init), resume=resume)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    with JsonlSink(out / "metrics.jsonl", append=resume) as sink:
         state = train(
             experiment,
-            experiment.outer.initial_state(init),
+            state,
             sink=sink,
             label="meta",
             checkpoint=out / "checkpoint.pt",
