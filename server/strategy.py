@@ -92,6 +92,8 @@ class MetaServer:
         # Learned from the nodes at discovery: partitions in the federation, and how many of them train.
         self._num_partitions: int | None = None
         self._num_train = 0
+        self._joined: set[int] = set()  # every node that has said which client it is (replaced ones included)
+        self._refused: set[int] = set()  # nodes that cannot join (bad partition); not asked again
 
     # -- the whole outer loop ---------------------------------------------------------------------------
     def start(self, grid: Grid) -> dict[str, Any]:
@@ -106,6 +108,7 @@ class MetaServer:
         started = time.perf_counter()
         with JsonlSink(self.out / "metrics.jsonl", append=self.options.resume) as sink:
             for round_index in range(state.round, self.config.federation.rounds):
+                self.rejoin(grid, train_nodes, unseen_nodes)
                 state, metrics = self.train_round(grid, outer, state, round_index, train_nodes)
                 sink.write(metrics)
                 save_checkpoint(self.out / "checkpoint.pt", config=self.config, state=state)
@@ -154,6 +157,31 @@ class MetaServer:
         log.info("federation: %d training and %d unseen clients connected", len(train), len(unseen))
         return train, unseen
 
+    def rejoin(self, grid: Grid, train: dict[int, Node], unseen: dict[int, Node]) -> None:
+        """Before a round: ask nodes that connected since discovery which client they are. A restarted SuperNode
+        comes back under a new node id; it takes over its partition from the dead one."""
+        new = sorted(set(grid.get_node_ids()) - self._joined - self._refused)
+        if not new:
+            return
+        query = [
+            Message(RecordDict({wire.CONFIG: self._config_record()}), dst_node_id=n, message_type="query") for n in new
+        ]
+        replies = list(grid.send_and_receive(query, timeout=min(self.options.discovery_timeout, 60.0)))
+        # A node that cannot join (an error reply) is not asked again; a silent one is asked next round.
+        self._refused |= {r.metadata.src_node_id for r in replies if r.has_error()}
+        for node in self._nodes(replies):
+            table = train if node.role == wire.ROLE_TRAIN else unseen
+            previous = table.get(node.index)
+            table[node.index] = node
+            log.info(
+                "%s client %d (%s) joined as node %d%s",
+                node.role,
+                node.index,
+                node.client_id,
+                node.node_id,
+                f", replacing node {previous.node_id}" if previous else "",
+            )
+
     def _nodes(self, replies: Iterable[Message]) -> list[Node]:
         nodes = []
         for reply in replies:
@@ -169,6 +197,7 @@ class MetaServer:
                     str(record[wire.CLIENT_ID]),
                 )
             )
+            self._joined.add(reply.metadata.src_node_id)
             self._num_partitions = get_int(record, wire.NUM_PARTITIONS)
             self._num_train = get_int(record, wire.NUM_TRAIN)
         duplicates = {

@@ -71,3 +71,51 @@ def private_homes() -> Iterator[dict[str, str]]:
         Path(env["FLWR_HOME"]).mkdir()
         Path(env["RAY_TMPDIR"]).mkdir()
         yield env
+
+
+class LocalDeployment:
+    """A SuperLink and SuperNodes as real processes on 127.0.0.1 (`fedmeta server` / `fedmeta client`), each
+    logging to its own file under `logs`. `stop_all()` stops every process and its descendants by PID."""
+
+    def __init__(self, env: dict[str, str], logs: Path, cwd: Path, extra: list[str] | None = None) -> None:
+        self.env, self.logs, self.cwd = env, logs, cwd
+        self.extra = extra if extra is not None else ["--insecure"]
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.superlink: subprocess.Popen | None = None
+        self.supernodes: dict[int, subprocess.Popen] = {}
+        self._all: list[subprocess.Popen] = []
+
+    def _start(self, args: list[str], log_name: str) -> subprocess.Popen:
+        log = open(self.logs / log_name, "a")  # noqa: SIM115 - lives as long as the process
+        process = subprocess.Popen([*FEDMETA, *args], cwd=self.cwd, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        log.close()  # the child holds its own descriptor
+        self._all.append(process)
+        return process
+
+    def start_superlink(self, *args: str) -> None:
+        self.superlink = self._start(["server", *self.extra, "--port", str(self.port), *args], "superlink.log")
+        wait_for_port(self.port, self.superlink)
+
+    def start_supernode(self, partition: int, num_partitions: int, *args: str) -> subprocess.Popen:
+        process = self._start(
+            [
+                "client",
+                *self.extra,
+                "--superlink",
+                self.address,
+                "--partition",
+                str(partition),
+                "--num-partitions",
+                str(num_partitions),
+                "--port",
+                str(free_port()),
+                *args,
+            ],
+            f"supernode{partition}.log",
+        )
+        self.supernodes[partition] = process
+        return process
+
+    def stop_all(self) -> None:
+        stop(self._all)

@@ -229,3 +229,25 @@ def test_distributed_dp_over_flower_equals_the_in_process_loop(tmp_path: Path) -
     assert all(r["update_norm"] > 0 for r in rows) and [r["epsilon"] for r in rows] == sorted(
         r["epsilon"] for r in rows
     )
+
+
+def test_a_node_that_dies_is_counted_and_its_restarted_successor_rejoins(tmp_path: Path, caplog) -> None:
+    # Node 1 (client 0) goes silent in round 1; a new node 7 with the same partition appears, as a restarted
+    # SuperNode would (new node id), and takes client 0 over from round 2 on.
+    config = small(**{"federation.clients_per_round": 4})
+    grid = InProcessGrid(client_app, num_partitions=6)
+
+    def dies(message: Message, ctx: Context) -> Message | None:
+        if message.metadata.message_type != "train":
+            return client_app(message, ctx)
+        grid.contexts[7] = context(partition=0)
+        grid.handlers[7] = client_app
+        return None  # never answers: the round goes on without it after the timeout
+
+    grid.handlers[1] = dies
+    with caplog.at_level(logging.INFO):
+        MetaServer(config, ServerOptions(out_dir=str(tmp_path), min_replies=3, round_timeout=1)).start(grid)
+
+    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    assert [(r["clients"], r["timed_out"]) for r in rows] == [(3, 1), (4, 0), (4, 0)]
+    assert "joined as node 7, replacing node 1" in caplog.text
