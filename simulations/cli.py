@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 import tomllib
 from importlib import resources
@@ -173,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     srv.add_argument("--port", type=int, default=9092)
     _add_security_options(srv, certificates=True)
+    srv.add_argument(
+        "--node-auth",
+        action="store_true",
+        help="admit only SuperNodes whose public key was registered (fedmeta register); needs --certificates",
+    )
 
     cli = sub.add_parser("client", help="start a Flower SuperNode holding one client partition (foreground)")
     cli.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
@@ -185,7 +191,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cli.add_argument("--data-dir", help="where this node keeps its data (default: the run config's)")
     cli.add_argument("--port", type=int, help="this node's local runtime API port (default: 9100 + partition)")
+    cli.add_argument("--auth-key", type=Path, help="this node's private key (fedmeta certs) for node authentication")
     _add_security_options(cli, certificates=False)
+
+    reg = sub.add_parser("register", help="register a SuperNode's public key with a SuperLink run with --node-auth")
+    reg.add_argument("public_key", type=Path, help="the node's public key (node-N.pub from fedmeta certs)")
+    reg.add_argument("--superlink", default="127.0.0.1:9092", help="HOST:PORT of the SuperLink")
+    reg.add_argument("--connection", default="fedmeta-local", help="name of the connection in $FLWR_HOME/config.toml")
+    _add_security_options(reg, certificates=False)
+
+    certs = sub.add_parser("certs", help="create a local test CA, SuperLink certificate and SuperNode key pairs")
+    certs.add_argument("directory", type=Path)
+    certs.add_argument("--nodes", type=int, default=0, help="SuperNode key pairs to create (node-0, node-1, ...)")
 
     run = sub.add_parser("run", help="submit the fedmeta app to a SuperLink and wait for its final status")
     run.add_argument("--superlink", default="127.0.0.1:9092", help="HOST:PORT of the SuperLink")
@@ -231,12 +248,24 @@ def _deploy(args: argparse.Namespace) -> int:
     """`fedmeta server|client|run`: wrap Flower's own commands, printing each before it runs."""
     from simulations import deploy
 
+    if args.command == "certs":
+        keys = deploy.make_certificates(args.directory, nodes=args.nodes)
+        print(f"fedmeta: CA {args.directory / 'ca.crt'}, SuperLink certificate {args.directory / 'server.pem'}")
+        for key in keys:
+            print(f"fedmeta: SuperNode key {key} (register {key}.pub with: fedmeta register {key}.pub ...)")
+        return 0
     _require_security_choice(args)
     env = deploy.flower_env()
     if args.command in ("server", "client"):
         if args.command == "server":
+            if args.node_auth and args.insecure:
+                raise ConfigError("--node-auth needs TLS (--certificates): Flower refuses it in insecure mode")
             command = deploy.superlink_command(
-                host=args.host, port=args.port, insecure=args.insecure, certificates=args.certificates
+                host=args.host,
+                port=args.port,
+                insecure=args.insecure,
+                certificates=args.certificates,
+                node_auth=args.node_auth,
             )
         else:
             command = deploy.supernode_command(
@@ -247,6 +276,7 @@ def _deploy(args: argparse.Namespace) -> int:
                 insecure=args.insecure,
                 data_dir=args.data_dir,
                 root_certificates=args.root_certificates,
+                auth_key=args.auth_key,
             )
         print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
         os.execvpe(command[0], command, env)  # replace this process: its PID is the Flower process's PID
@@ -254,6 +284,10 @@ def _deploy(args: argparse.Namespace) -> int:
         args.connection, address=args.superlink, insecure=args.insecure, root_certificates=args.root_certificates
     )
     print(f"fedmeta: connection {args.connection!r} -> {args.superlink} in {path}", file=sys.stderr)
+    if args.command == "register":
+        command = deploy.register_command(args.public_key, args.connection)
+        print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
+        return subprocess.run(command, env=env).returncode
     print(f"fedmeta: running {deploy.show(deploy.run_command(args.connection, args.run_config))}", file=sys.stderr)
     run_id, status = deploy.submit_and_wait(args.connection, args.run_config, timeout=args.timeout)
     print(f"fedmeta: run {run_id} {status}")
@@ -271,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from simulations.inprocess import evaluate_checkpoint, simulate
 
     try:
-        if args.command in ("server", "client", "run"):
+        if args.command in ("server", "client", "run", "register", "certs"):
             return _deploy(args)
         if args.command == "simulate":
             if args.num_clients is not None:
