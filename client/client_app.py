@@ -23,6 +23,8 @@ from fedmeta import wire
 from fedmeta.config import RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
+from fedmeta.round import check_update
+from fedmeta.types import ClientUpdate
 from server.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,10 @@ SECURE_PARAMS = "fitins.parameters"  # where a legacy FitIns (SecAgg+ rounds) ke
 
 class PartitionError(ValueError):
     """The node's partition does not exist in the configured federation."""
+
+
+class ModelMismatch(ValueError):
+    """The meta-parameters the server sent do not fit the model this client builds from the config."""
 
 
 @functools.lru_cache(maxsize=4)
@@ -114,15 +120,17 @@ def train(message: Message, context: Context) -> Message:
             f"unseen client {index} was asked to train; only partitions below "
             f"{len(experiment.federation.train_clients)} train"
         )
-    if fit is None:
-        params = record_to_params(message.content.array_records[wire.PARAMS])
-        round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
-    else:
-        try:
-            params = arrays_to_params(parameters_to_ndarrays(fit.parameters), experiment.initial_params())
-        except ValueError as error:
-            raise ValueError(f"the server's model does not match this client's: {error}") from None
-        round_index = int(fit.config[wire.ROUND])
+    template = experiment.initial_params()
+    try:
+        if fit is None:
+            params = record_to_params(message.content.array_records[wire.PARAMS])
+            check_update(ClientUpdate(params, 1), template)
+            round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
+        else:
+            params = arrays_to_params(parameters_to_ndarrays(fit.parameters), template)
+            round_index = int(fit.config[wire.ROUND])
+    except ValueError as error:  # RejectedUpdate included
+        raise ModelMismatch(f"the server's model does not match this client's: {error}") from None
     update = experiment.client_update(params, index, round_index)
     if fit is None:
         client_id = experiment.federation.train_clients[index].client_id

@@ -251,3 +251,16 @@ def test_a_node_that_dies_is_counted_and_its_restarted_successor_rejoins(tmp_pat
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert [(r["clients"], r["timed_out"]) for r in rows] == [(3, 1), (4, 0), (4, 0)]
     assert "joined as node 7, replacing node 1" in caplog.text
+
+
+def test_a_client_refuses_meta_parameters_that_do_not_fit_its_model() -> None:
+    config = small()
+    params = Experiment.from_config(config).initial_params()
+    wrong = {**params, "body.0.weight": torch.zeros(3, 3)}
+    with pytest.raises(
+        ValueError, match=r"the server's model does not match this client's: body.0.weight: got \(3, 3\)"
+    ):
+        client_app(train_message(config, wrong), context(partition=0))
+    missing = {k: v for k, v in params.items() if k != "body.0.bias"}
+    with pytest.raises(ValueError, match=r"does not match this client's: keys differ .* missing \['body.0.bias'\]"):
+        client_app(train_message(config, missing), context(partition=0))
