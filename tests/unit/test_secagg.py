@@ -60,6 +60,14 @@ def _updates(config, params, clients, round_index=0):
     return {c: experiment.client_update(params, c, round_index).direction for c in clients}
 
 
+def _round_one(grid, config, params):
+    """Round 1 under SecAgg+ with the four training clients (nodes 1..4)."""
+    flat = {**config.to_flat(), "round": 0}
+    return secure_round(
+        grid, params=params, config=flat, node_ids=[1, 2, 3, 4], secagg=config.secagg, round_number=1, timeout=10
+    )
+
+
 def test_the_server_gets_the_mean_and_never_an_individual_update(monkeypatch) -> None:
     config = small(**{"secagg.enabled": True, "federation.clients_per_round": 4})
     params = Experiment.from_config(config).initial_params()
@@ -73,15 +81,7 @@ def test_the_server_gets_the_mean_and_never_an_individual_update(monkeypatch) ->
     monkeypatch.setattr(server.secagg._Collect, "aggregate_fit", spy)
     grid = RecordingGrid(client_app, num_partitions=6)
 
-    result = secure_round(
-        grid,
-        params=params,
-        config={**config.to_flat(), "round": 0},
-        node_ids=[1, 2, 3, 4],
-        secagg=config.secagg,
-        round_number=1,
-        timeout=10,
-    )
+    result = _round_one(grid, config, params)
 
     updates = _updates(config, params, range(4))
     expected = {k: torch.stack([u[k] for u in updates.values()]).mean(0) for k in params}
@@ -119,15 +119,7 @@ def test_a_client_dropping_out_mid_protocol_is_recovered() -> None:
     params = Experiment.from_config(config).initial_params()
     grid = InProcessGrid(client_app, num_partitions=6, handlers={2: drops_at_upload})
 
-    result = secure_round(
-        grid,
-        params=params,
-        config={**config.to_flat(), "round": 0},
-        node_ids=[1, 2, 3, 4],
-        secagg=config.secagg,
-        round_number=1,
-        timeout=10,
-    )
+    result = _round_one(grid, config, params)
 
     updates = _updates(config, params, [0, 2, 3])
     assert result.secure is not None and result.secure.count == 3
