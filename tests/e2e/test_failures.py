@@ -53,7 +53,7 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path: Path) -> None:
                 "eval.eval_tasks_per_client=2",
                 "inner.eval_steps=2",
                 "server.min_replies=3",
-                "server.round_timeout=60.0",
+                "server.round_timeout=40.0",
                 f'server.out_dir="{out}"',
             ]
             args = [*FEDMETA, "run", "--insecure", "--superlink", local.address, "--timeout", "400"]

@@ -64,7 +64,7 @@ def test_registered_nodes_train_and_strangers_are_refused(tmp_path: Path) -> Non
                 "--run-config",
                 "data.num_unseen_clients=1",
                 "--run-config",
-                "federation.rounds=2",
+                "federation.rounds=1",
                 "--run-config",
                 "federation.clients_per_round=1",
                 "--run-config",
