@@ -264,3 +264,30 @@ def test_a_client_refuses_meta_parameters_that_do_not_fit_its_model() -> None:
     missing = {k: v for k, v in params.items() if k != "body.0.bias"}
     with pytest.raises(ValueError, match=r"does not match this client's: keys differ .* missing \['body.0.bias'\]"):
         client_app(train_message(config, missing), context(partition=0))
+
+
+def test_the_server_app_resumes_after_a_crash_to_the_same_meta_parameters(tmp_path: Path) -> None:
+    class CrashingGrid(InProcessGrid):
+        """The server process dies while sending round 3."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            messages = list(messages)
+            if any(m.metadata.group_id == "3" for m in messages):
+                raise KeyboardInterrupt("server killed")
+            return super().send_and_receive(messages, timeout=timeout)
+
+    config = small(**{"federation.rounds": 4, "privacy.mode": "central", "privacy.reproducible_noise": True})
+    with pytest.raises(KeyboardInterrupt):
+        MetaServer(config, ServerOptions(out_dir=str(tmp_path / "a"))).start(CrashingGrid(client_app, 6))
+    assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")[1].round == 2
+
+    MetaServer(config, ServerOptions(out_dir=str(tmp_path / "a"), resume=True)).start(InProcessGrid(client_app, 6))
+    MetaServer(config, ServerOptions(out_dir=str(tmp_path / "b"))).start(InProcessGrid(client_app, 6))
+
+    resumed, whole = (load_checkpoint(tmp_path / d / "checkpoint.pt")[1] for d in ("a", "b"))
+    assert resumed.round == whole.round == 4 and resumed.dp_releases == whole.dp_releases
+    assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
+    assert [r["round"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4]
+    # The accountant continued from the checkpoint: the same epsilon, round by round.
+    epsilons = [[r["epsilon"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
+    assert epsilons[0] == epsilons[1] and epsilons[0] == sorted(epsilons[0])
