@@ -122,7 +122,15 @@ def secure_round(
         quantization_range=secagg.quantization_range,
         timeout=timeout,
     )
-    workflow(grid, context)
+    # The workflow logs four INFO lines per round on Flower's logger; the round's own line says what matters.
+    flower_log = logging.getLogger("flwr")
+    level = flower_log.level
+    if not log.isEnabledFor(logging.DEBUG):
+        flower_log.setLevel(logging.WARNING)
+    try:
+        workflow(grid, context)
+    finally:
+        flower_log.setLevel(level)
     if collect.aggregate is None:
         return SecureRound(None, failures=len(node_ids))
     mean, out_of_range = arrays_to_secure_mean(collect.aggregate, params, secagg.clipping_range)
