@@ -120,15 +120,15 @@ def train(message: Message, context: Context) -> Message:
             f"unseen client {index} was asked to train; only partitions below "
             f"{len(experiment.federation.train_clients)} train"
         )
+    config = message.content.config_records[wire.CONFIG] if fit is None else fit.config
+    round_index = get_int(config, wire.ROUND)
     template = experiment.initial_params()
     try:
         if fit is None:
             params = record_to_params(message.content.array_records[wire.PARAMS])
             check_update(ClientUpdate(params, 1), template)
-            round_index = get_int(message.content.config_records[wire.CONFIG], wire.ROUND)
         else:
             params = arrays_to_params(parameters_to_ndarrays(fit.parameters), template)
-            round_index = int(fit.config[wire.ROUND])
     except ValueError as error:  # RejectedUpdate included
         raise ModelMismatch(f"the server's model does not match this client's: {error}") from None
     update = experiment.client_update(params, index, round_index)

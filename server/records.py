@@ -6,6 +6,9 @@ dtype and shape exactly: decode(encode(p)) is bit-identical to p.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
@@ -47,7 +50,7 @@ def content_to_update(content: RecordDict) -> tuple[str, ClientUpdate]:
     return str(content.config_records[wire.CLIENT][wire.CLIENT_ID]), update
 
 
-def get_int(record: ConfigRecord | MetricRecord, key: str) -> int:
+def get_int(record: Mapping[str, Any], key: str) -> int:
     """An integer field of a record, or a TypeError naming the field (records from the network are untrusted)."""
     value = record[key]
     if not isinstance(value, int) or isinstance(value, bool):
