@@ -43,14 +43,14 @@ def client_curves(
     queries: int,
     steps: int,
 ) -> dict[str, np.ndarray]:
-    """One unseen client's curves: {model name: array (tasks, steps + 1)}, on tasks fixed by (seed, index)."""
+    """One unseen client's curves: {model name: array (tasks, steps + 1)}, on tasks fixed by (seed, index).
+
+    All tasks are drawn first (the same draws for every model), then each model adapts to all of them in the
+    algorithm's batched engine.
+    """
     rng = task_rng(seed, "eval", client_index)
-    curves = {name: np.zeros((tasks_per_client, steps + 1)) for name in models}
-    for t in range(tasks_per_client):
-        task = client.sample_task(rng, ways=ways, shots=shots, queries=queries)
-        for name, params in models.items():
-            curves[name][t] = algorithm.evaluate_curve(params, task, steps)
-    return curves
+    tasks = [client.sample_task(rng, ways=ways, shots=shots, queries=queries) for _ in range(tasks_per_client)]
+    return {name: algorithm.evaluate_curves(params, tasks, steps) for name, params in models.items()}
 
 
 def personalised_curves(

@@ -32,7 +32,7 @@ def metric_for(kind: str) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
     """The figure users read: MSE for regression (lower is better), accuracy for classification."""
     if kind == "regression":
         return "mse", F.mse_loss
-    return "accuracy", lambda logits, y: (logits.argmax(dim=-1) == y).float().mean()
+    return "accuracy", lambda logits, y: (logits.argmax(dim=-1) == y).double().mean()
 
 
 def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:

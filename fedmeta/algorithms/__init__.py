@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from fedmeta.algorithms.base import Algorithm
@@ -14,11 +16,14 @@ ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MAML, FOMAML
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
 
-def build_algorithm(name: str, model: nn.Module, *, kind: str, inner_lr: float, inner_steps: int) -> Algorithm:
+def build_algorithm(
+    name: str, model: nn.Module, *, kind: str, inner_lr: float, inner_steps: int, **compute: Any
+) -> Algorithm:
+    """`compute`: how the client part runs (batched, task_chunk, device, precision; see `Algorithm`)."""
     registry = {**ALGORITHMS, **BASELINES}
     if name not in registry:
         raise ValueError(f"unknown algorithm {name!r}; choose one of {sorted(ALGORITHMS)}")
-    return registry[name](model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps)
+    return registry[name](model, kind=kind, inner_lr=inner_lr, inner_steps=inner_steps, **compute)
 
 
 __all__ = [

@@ -7,16 +7,24 @@ to its outer optimizer. Algorithms differ only in the direction they compute and
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from fedmeta import batched
+from fedmeta.batched import TaskBatch
 from fedmeta.functional import adapt_trajectory, forward, loss_fn_for, metric_for, tree_mean
 from fedmeta.models import init_params
 from fedmeta.types import ClientUpdate, Params, Task
+
+# Tasks per vectorised call on a CPU when the chunk is automatic: measured fastest for Conv4 on Omniglot
+# (larger chunks leave the caches; benchmarks/RESULTS.md).
+CPU_TASK_CHUNK = 8
 
 
 class Algorithm(ABC):
@@ -26,13 +34,31 @@ class Algorithm(ABC):
     # "episodes": the client's local data arrives as few-shot tasks; "batches": as plain minibatches (FedAvg).
     data_kind: ClassVar[str] = "episodes"
 
-    def __init__(self, model: nn.Module, *, kind: str, inner_lr: float, inner_steps: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        kind: str,
+        inner_lr: float,
+        inner_steps: int,
+        batched: bool = True,
+        task_chunk: int = 0,
+        device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
         self.model = model
         self.kind = kind
         self.loss_fn = loss_fn_for(kind)
         self.metric_name, self.metric_fn = metric_for(kind)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
+        # How the client part is computed (not what): batched (the default) or the per-task reference loop.
+        self.batched = batched
+        self.task_chunk = task_chunk
+        self.device = torch.device(device)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        self.precision = precision
 
     # -- parameters -------------------------------------------------------------------------------------
     def init_params(self, generator: torch.Generator) -> Params:
@@ -42,15 +68,72 @@ class Algorithm(ABC):
     # -- client part ------------------------------------------------------------------------------------
     @abstractmethod
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        """Descent direction for one task, and that task's metrics."""
+        """Descent direction for one task, and that task's metrics (the per-task reference)."""
+
+    @abstractmethod
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """The batched client part: the *sum* of the tasks' directions, and each task's metrics, shape (T,)."""
 
     def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
-        """The client part: mean direction over the client's tasks, with the task count and mean metrics."""
+        """The client part: mean direction over the client's tasks, with the task count and mean metrics.
+
+        Batched by default (tasks in vectorised chunks on `self.device`); `batched=False` runs the per-task
+        reference loop. Both return the direction on the CPU, in the dtype of `params`.
+        """
         if not tasks:
             raise ValueError("client_update needs at least one task")
-        directions, metrics = zip(*(self.task_direction(params, task) for task in tasks), strict=True)
-        mean_metrics = {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in metrics[0]}
-        return ClientUpdate(direction=tree_mean(list(directions)), num_tasks=len(tasks), metrics=mean_metrics)
+        if not self.batched:
+            device_params = self._to_device(params)
+            results = [self.task_direction(device_params, self._task_to_device(task)) for task in tasks]
+            directions, metrics = zip(*results, strict=True)
+            mean_metrics = {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in metrics[0]}
+            direction = self._to_host(tree_mean(list(directions)), params)
+            return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
+        device_params = self._to_device(params)
+        total: Params = {}
+        per_task: dict[str, list[Tensor]] = {}
+        for chunk in self._chunks(tasks):
+            with self._precision():
+                direction_sum, chunk_metrics = self.batch_direction(device_params, chunk)
+            total = direction_sum if not total else {k: total[k] + direction_sum[k] for k in total}
+            for name, values in chunk_metrics.items():
+                per_task.setdefault(name, []).append(values.detach().double())
+        direction = self._to_host({k: v / len(tasks) for k, v in total.items()}, params)
+        # One transfer for every metric (no host synchronisation per task).
+        means = torch.stack([torch.cat(v).mean() for v in per_task.values()]).tolist()
+        return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=dict(zip(per_task, means, strict=True)))
+
+    # -- compute placement --------------------------------------------------------------------------------
+    def _chunk_size(self, num_tasks: int) -> int:
+        if self.task_chunk > 0:
+            return self.task_chunk
+        return CPU_TASK_CHUNK if self.device.type == "cpu" else num_tasks
+
+    def _chunks(self, tasks: Sequence[Task]) -> Iterator[TaskBatch]:
+        """The tasks stacked, moved to the device once, and cut into chunks of at most `task_chunk` tasks."""
+        return TaskBatch.stack(tasks, self.device).chunks(self._chunk_size(len(tasks)))
+
+    def _precision(self) -> contextlib.AbstractContextManager[None]:
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_device(self, params: Params) -> Params:
+        return {k: v.to(self.device, non_blocking=True) for k, v in params.items()}
+
+    def _task_to_device(self, task: Task) -> Task:
+        if self.device.type == "cpu":
+            return task
+        return Task(
+            *(
+                t.to(self.device, non_blocking=True)
+                for t in (task.support_x, task.support_y, task.query_x, task.query_y)
+            )
+        )
+
+    @staticmethod
+    def _to_host(direction: Params, like: Params) -> Params:
+        return {k: v.detach().to("cpu", like[k].dtype if k in like else v.dtype) for k, v in direction.items()}
 
     # -- adaptation and evaluation ----------------------------------------------------------------------
     def model_params(self, params: Params) -> Params:
@@ -82,6 +165,43 @@ class Algorithm(ABC):
         """The query metric (accuracy or MSE) after 0..steps adaptation steps on the support set."""
         return [float(self.metric_fn(pred, task.query_y)) for pred in self.predict_curve(params, task, steps)]
 
+    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
+        """Query predictions (T, n_query, ...) after 0..steps adaptation steps, all tasks at once."""
+        weights = self.model_params(params)
+        trajectory = batched.adapt_trajectory(
+            self.model,
+            self.kind,
+            batched.per_task(weights, len(batch)),
+            batch.support_x,
+            batch.support_y,
+            steps=steps,
+            inner_lr=self.adaptation_lr(params),
+            adapt_keys=self.adapt_keys(weights),
+        )
+        for fast in trajectory:
+            yield batched.batched_forward(self.model, fast, batch.query_x).detach()
+
+    def evaluate_curves(self, params: Params, tasks: Sequence[Task], steps: int) -> np.ndarray:
+        """Metric after 0..steps adaptation steps for each task: array (tasks, steps + 1).
+
+        Batched like `client_update` (the per-task `evaluate_curve` with `batched=False`).
+        """
+        if not self.batched:
+            device_params = self._to_device(params)
+            return np.array([self.evaluate_curve(device_params, self._task_to_device(t), steps) for t in tasks])
+        device_params = self._to_device(params)
+        curves = []
+        for chunk in self._chunks(tasks):
+            with self._precision():
+                predictions = self.batch_predictions(device_params, chunk, steps)
+                curves.append(
+                    torch.stack(
+                        [batched.task_metrics(self.kind, batched.at_least_fp32(p), chunk.query_y) for p in predictions],
+                        1,
+                    )
+                )
+        return torch.cat(curves).double().cpu().numpy()
+
     def transfer(self, pretrained: Params, fresh: Params) -> Params:
         """Meta-parameters made from a conventionally trained model (the FedAvg baseline).
 
@@ -90,6 +210,13 @@ class Algorithm(ABC):
         the head is fresh; for regression the whole model carries over.
         """
         return {k: pretrained[k] if k in pretrained and pretrained[k].shape == v.shape else v for k, v in fresh.items()}
+
+    def _batch_metrics(self, losses: Tensor, predictions: Tensor, y: Tensor) -> dict[str, Tensor]:
+        """Per-task metrics (T,) of a batch: the same names as `_metrics`."""
+        return {
+            "query_loss": losses,
+            f"query_{self.metric_name}": batched.task_metrics(self.kind, batched.at_least_fp32(predictions), y),
+        }
 
     def _metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, float]:
         return {"query_loss": float(loss), f"query_{self.metric_name}": float(self.metric_fn(logits.detach(), y))}

@@ -9,10 +9,14 @@ only the head; the outer loop still updates everything.
 
 from __future__ import annotations
 
-from torch import Tensor
+from collections.abc import Iterator
+
+from torch import Tensor, nn
 from torch.func import grad
 
+from fedmeta import batched
 from fedmeta.algorithms.base import Algorithm
+from fedmeta.batched import TaskBatch
 from fedmeta.functional import adapt, forward
 from fedmeta.types import Params, Task
 
@@ -54,6 +58,82 @@ class MAML(Algorithm):
 
             meta_grad, (loss, logits) = grad(meta_loss, has_aux=True)(params)
         return meta_grad, self._metrics(loss, logits, task.query_y)
+
+    # -- batched ------------------------------------------------------------------------------------------
+    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
+        """Query predictions after 0..steps inner steps, all tasks at once.
+
+        When only the head adapts (ANIL) the body's features are computed once per task instead of once per
+        step: the body's weights do not change in the inner loop, so the values are those of the reference.
+        """
+        weights = self.model_params(params)
+        keys = self.adapt_keys(weights)
+        lr = self.adaptation_lr(params)
+        fast = batched.per_task(weights, len(batch))
+        model, x, query_x = self.model, batch.support_x, batch.query_x
+        if keys is not None and _head_only(self.model, weights, keys):
+            # The body is one network for all tasks: shared weights, its gradient the sum over tasks.
+            body = {k.removeprefix("body."): v for k, v in weights.items() if k.startswith("body.")}
+            model = self.model.head  # type: ignore[assignment]
+            x = batched.batched_forward(self.model.body, body, x, shared=True)  # type: ignore[arg-type]
+            query_x = batched.batched_forward(self.model.body, body, query_x, shared=True)  # type: ignore[arg-type]
+            fast = {k.removeprefix("head."): v for k, v in fast.items() if k.startswith("head.")}
+            lr = (
+                {k.removeprefix("head."): v for k, v in lr.items() if k.startswith("head.")}
+                if isinstance(lr, dict)
+                else lr
+            )
+            keys = None
+        trajectory = batched.adapt_trajectory(
+            model, self.kind, fast, x, batch.support_y, steps=steps, inner_lr=lr, adapt_keys=keys
+        )
+        for step_weights in trajectory:
+            yield batched.batched_forward(model, step_weights, query_x)
+
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        if self.first_order:
+            # Adapt with no graph (plain tensors at top level), then each task's query gradient at its own
+            # adapted weights: the gradient of the summed query losses with respect to the per-task weights.
+            weights = self.model_params(params)
+            fast = batched.adapt(
+                self.model,
+                self.kind,
+                batched.per_task(weights, len(batch)),
+                batch.support_x,
+                batch.support_y,
+                steps=self.inner_steps,
+                inner_lr=self.adaptation_lr(params),
+                adapt_keys=self.adapt_keys(weights),
+            )
+            fast = {k: v.detach() for k, v in fast.items()}
+
+            def query_loss(f: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                logits = batched.batched_forward(self.model, f, batch.query_x)
+                losses = batched.task_losses(self.kind, logits, batch.query_y)
+                return losses.sum(), (losses.detach(), logits.detach())
+
+            per_task_grads, (losses, logits) = grad(query_loss, has_aux=True)(fast)
+            direction = {k: g.sum(0) for k, g in per_task_grads.items()}
+        else:
+            # Second order: the summed post-adaptation query losses, differentiated through every inner step
+            # back to the shared initial weights, give the sum of the tasks' meta-gradients.
+            def meta_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+                *_, logits = self.batch_predictions(p, batch, self.inner_steps)
+                losses = batched.task_losses(self.kind, logits, batch.query_y)
+                return losses.sum(), (losses.detach(), logits.detach())
+
+            direction, (losses, logits) = grad(meta_loss, has_aux=True)(params)
+        return direction, self._batch_metrics(losses, logits, batch.query_y)
+
+
+def _head_only(model: nn.Module, weights: Params, keys: set[str]) -> bool:
+    """The model is body + head, and only head parameters adapt."""
+    return (
+        isinstance(getattr(model, "body", None), nn.Module)
+        and isinstance(getattr(model, "head", None), nn.Module)
+        and all(k.startswith("head.") for k in keys)
+        and all(k.startswith(("body.", "head.")) for k in weights)
+    )
 
 
 class FOMAML(MAML):

@@ -10,8 +10,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
+from fedmeta import batched
 from fedmeta.algorithms.base import Algorithm
+from fedmeta.batched import TaskBatch
 from fedmeta.functional import adapt, forward
 from fedmeta.types import ClientUpdate, Params, Task
 
@@ -27,6 +30,22 @@ class Reptile(Algorithm):
         logits = forward(self.model, fast, x).detach()
         return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
 
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        x, y = batch.pooled()
+        fast = batched.adapt(
+            self.model,
+            self.kind,
+            batched.per_task(params, len(batch)),
+            x,
+            y,
+            steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+        )
+        pseudo_grad_sum = {k: (params[k].unsqueeze(0) - fast[k]).sum(0) for k in params}
+        with torch.no_grad():
+            logits = batched.batched_forward(self.model, fast, x)
+        return pseudo_grad_sum, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)
+
 
 class FedAvg(Algorithm):
     """FedAvg (McMahan et al. 2017, arXiv:1602.05629) as the personalisation baseline, not a meta-learner.
@@ -39,20 +58,24 @@ class FedAvg(Algorithm):
     data_kind = "batches"
 
     def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
+        """Sequential by definition (each step starts where the last ended), so there is nothing to batch."""
         if not tasks:
             raise ValueError("client_update needs at least one minibatch")
-        local = params
+        local = self._to_device(params)
         metrics = []
-        for batch in tasks:
+        for batch in map(self._task_to_device, tasks):
             local = adapt(
                 self.model, self.loss_fn, local, batch.support_x, batch.support_y, steps=1, inner_lr=self.inner_lr
             )
             logits = forward(self.model, local, batch.support_x).detach()
             metrics.append(self._metrics(self.loss_fn(logits, batch.support_y), logits, batch.support_y))
         mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-        return ClientUpdate(
-            direction={k: params[k] - local[k] for k in params}, num_tasks=len(tasks), metrics=mean_metrics
-        )
+        start = self._to_device(params)
+        direction = self._to_host({k: start[k] - local[k] for k in params}, params)
+        return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
 
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")
+
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")

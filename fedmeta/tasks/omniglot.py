@@ -159,7 +159,11 @@ class OmniglotClient:
 
     def _images(self, characters: np.ndarray, rotations: np.ndarray, drawers: np.ndarray) -> Tensor:
         x = torch.from_numpy(self.split.images[characters, drawers]).float().div_(255.0)  # (n, 28, 28)
-        x = torch.stack([torch.rot90(img, int(k), dims=(0, 1)) for img, k in zip(x, rotations, strict=True)])
+        # One rot90 per rotation present (at most three calls), not one per image.
+        for k in np.unique(rotations):
+            if k:
+                where = torch.from_numpy(np.flatnonzero(rotations == k))
+                x[where] = torch.rot90(x[where], int(k), dims=(1, 2))
         return x.unsqueeze(1)  # (n, 1, 28, 28)
 
     def sample_task(self, rng: np.random.Generator, *, ways: int, shots: int, queries: int) -> Task:

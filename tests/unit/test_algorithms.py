@@ -17,6 +17,18 @@ from tests.conftest import double_task, to_double
 INNER_LR = 0.05
 
 
+@pytest.fixture(params=["reference", "batched"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every reference check runs on the per-task path and on the batched engine (a batch of one task)."""
+    return request.param
+
+
+def direction_of(algo, params: dict[str, torch.Tensor], task: Task, engine: str) -> dict[str, torch.Tensor]:
+    if engine == "reference":
+        return algo.task_direction(params, task)[0]
+    return algo.client_update(params, [task]).direction
+
+
 def mlp_params(seed: int = 0) -> dict[str, torch.Tensor]:
     return to_double(init_params(SinusoidMLP(hidden=8), torch.Generator().manual_seed(seed)))
 
@@ -104,39 +116,39 @@ def assert_close(
 
 
 @pytest.mark.parametrize("steps", [1, 3])
-def test_maml_meta_gradient_matches_hand_unrolled_autograd(steps: int) -> None:
+def test_maml_meta_gradient_matches_hand_unrolled_autograd(steps: int, engine: str) -> None:
     params, task = mlp_params(), double_task()
     algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=steps)
 
-    meta_grad, _ = algo.task_direction(params, task)
+    meta_grad = direction_of(algo, params, task, engine)
 
     assert_close(meta_grad, hand_maml_grad(params, task, steps, INNER_LR, second_order=True))
 
 
-def test_maml_meta_gradient_matches_finite_differences() -> None:
+def test_maml_meta_gradient_matches_finite_differences(engine: str) -> None:
     params, task = mlp_params(1), double_task(1)
     algo = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
 
-    meta_grad, _ = algo.task_direction(params, task)
+    meta_grad = direction_of(algo, params, task, engine)
     numeric = finite_difference(lambda p: maml_query_loss(p, task, 2, INNER_LR), params)
 
     assert_close(meta_grad, numeric, atol=1e-6, rtol=1e-4)
 
 
-def test_maml_is_second_order_and_fomaml_drops_exactly_those_terms() -> None:
+def test_maml_is_second_order_and_fomaml_drops_exactly_those_terms(engine: str) -> None:
     params, task = mlp_params(2), double_task(2)
     maml = MAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
     fomaml = FOMAML(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
 
-    second, _ = maml.task_direction(params, task)
-    first, _ = fomaml.task_direction(params, task)
+    second = direction_of(maml, params, task, engine)
+    first = direction_of(fomaml, params, task, engine)
 
     assert_close(first, hand_maml_grad(params, task, 2, INNER_LR, second_order=False))
     gap = max(float((second[k] - first[k]).abs().max()) for k in params)
     assert gap > 1e-4, "MAML's meta-gradient equals the first-order one: the inner loop's graph was cut"
 
 
-def test_linear_regression_closed_form_for_maml_and_fomaml() -> None:
+def test_linear_regression_closed_form_for_maml_and_fomaml(engine: str) -> None:
     # Linear model y = w.x, MSE: grad L(w) = 2/n X^T(Xw - y), Hessian H = 2/n X^T X (constant).
     # One inner step: w' = w - a grad_s(w); MAML meta-grad = (I - a H_s) grad_q(w'); FOMAML = grad_q(w').
     rng = np.random.default_rng(3)
@@ -151,23 +163,21 @@ def test_linear_regression_closed_form_for_maml_and_fomaml() -> None:
     task = Task(*(torch.from_numpy(v) for v in (xs, ys, xq, yq)))
     params = {"weight": torch.from_numpy(w)}
 
-    maml_grad, _ = MAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1).task_direction(
-        params, task
-    )
-    fo_grad, _ = FOMAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1).task_direction(
-        params, task
-    )
+    maml = MAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1)
+    fomaml = FOMAML(nn.Linear(3, 1, bias=False), kind="regression", inner_lr=a, inner_steps=1)
+    maml_grad = direction_of(maml, params, task, engine)
+    fo_grad = direction_of(fomaml, params, task, engine)
 
     np.testing.assert_allclose(maml_grad["weight"].numpy(), expected_maml, rtol=1e-10)
     np.testing.assert_allclose(fo_grad["weight"].numpy(), expected_fo, rtol=1e-10)
 
 
-def test_reptile_one_step_pseudo_gradient_is_lr_times_gradient() -> None:
+def test_reptile_one_step_pseudo_gradient_is_lr_times_gradient(engine: str) -> None:
     # Reptile with one inner step: params - adapted = lr * grad L(params) on the task's pooled data.
     params, task = mlp_params(4), double_task(4)
     algo = Reptile(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=1)
 
-    pseudo_grad, _ = algo.task_direction(params, task)
+    pseudo_grad = direction_of(algo, params, task, engine)
 
     leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
@@ -175,12 +185,12 @@ def test_reptile_one_step_pseudo_gradient_is_lr_times_gradient() -> None:
     assert_close(pseudo_grad, {k: INNER_LR * g for k, g in zip(params, grads, strict=True)})
 
 
-def test_reptile_k_steps_sums_the_trajectory_gradients() -> None:
+def test_reptile_k_steps_sums_the_trajectory_gradients(engine: str) -> None:
     params, task = mlp_params(5), double_task(5)
     algo = Reptile(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=4)
     x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
 
-    pseudo_grad, _ = algo.task_direction(params, task)
+    pseudo_grad = direction_of(algo, params, task, engine)
 
     fast = dict(params)
     for _ in range(4):
@@ -190,7 +200,7 @@ def test_reptile_k_steps_sums_the_trajectory_gradients() -> None:
     assert_close(pseudo_grad, {k: params[k] - fast[k] for k in params})
 
 
-def test_meta_sgd_learning_rate_gradients_match_finite_differences() -> None:
+def test_meta_sgd_learning_rate_gradients_match_finite_differences(engine: str) -> None:
     model = SinusoidMLP(hidden=8)
     algo = MetaSGD(model, kind="regression", inner_lr=INNER_LR, inner_steps=2)
     params = to_double(algo.init_params(torch.Generator().manual_seed(6)))
@@ -204,7 +214,7 @@ def test_meta_sgd_learning_rate_gradients_match_finite_differences() -> None:
     weights = {k: v for k, v in params.items() if not k.startswith("inner_lr.")}
     lrs = {k.removeprefix("inner_lr."): v for k, v in params.items() if k.startswith("inner_lr.")}
 
-    meta_grad, _ = algo.task_direction(params, task)
+    meta_grad = direction_of(algo, params, task, engine)
     numeric = finite_difference(
         lambda p: maml_query_loss(weights, task, 2, 0.0, lrs={k.removeprefix("inner_lr."): v for k, v in p.items()}),
         {"inner_lr." + k: v for k, v in lrs.items()},
@@ -215,12 +225,12 @@ def test_meta_sgd_learning_rate_gradients_match_finite_differences() -> None:
     assert_close(meta_grad, reference)
 
 
-def test_anil_adapts_only_the_head_but_updates_everything() -> None:
+def test_anil_adapts_only_the_head_but_updates_everything(engine: str) -> None:
     params, task = mlp_params(8), double_task(8)
     algo = ANIL(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=2)
     head = ["head.weight", "head.bias"]
 
-    meta_grad, _ = algo.task_direction(params, task)
+    meta_grad = direction_of(algo, params, task, engine)
     numeric = finite_difference(lambda p: maml_query_loss(p, task, 2, INNER_LR, keys=head), params)
 
     assert_close(meta_grad, numeric, atol=1e-6, rtol=1e-4)
@@ -240,7 +250,7 @@ def test_protonet_logits_match_a_hand_computation() -> None:
     np.testing.assert_allclose(logits.numpy(), expected, rtol=1e-10)
 
 
-def test_protonet_direction_is_the_query_cross_entropy_gradient() -> None:
+def test_protonet_direction_is_the_query_cross_entropy_gradient(engine: str) -> None:
     model = nn.Linear(3, 2)
     algo = ProtoNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
     params = to_double(init_params(model, torch.Generator().manual_seed(10)))
@@ -252,7 +262,11 @@ def test_protonet_direction_is_the_query_cross_entropy_gradient() -> None:
         torch.tensor([0, 1, 1, 0, 1, 0]),
     )
 
-    direction, metrics = algo.task_direction(params, task)
+    if engine == "reference":
+        direction, metrics = algo.task_direction(params, task)
+    else:
+        update = algo.client_update(params, [task])
+        direction, metrics = update.direction, update.metrics
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: x @ p["weight"].T + p["bias"]  # noqa: E731

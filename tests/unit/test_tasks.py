@@ -125,6 +125,19 @@ def test_omniglot_episodes_use_rotations_as_classes_and_only_the_clients_drawers
         client.check_episode(ways=13, shots=1, queries=1)
 
 
+def test_omniglot_images_are_rotated_per_image_as_the_class_says(tiny_omniglot: Path) -> None:
+    client = om.omniglot_federation(tiny_omniglot).train_clients[0]
+    characters = np.array([0, 1, 2, 0, 1, 2, 0, 1])
+    rotations = np.array([0, 1, 2, 3, 3, 2, 1, 0])
+    drawers = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+
+    images = client._images(characters, rotations, drawers)
+
+    raw = torch.from_numpy(client.split.images[characters, drawers]).float() / 255
+    expected = torch.stack([torch.rot90(img, int(k), dims=(0, 1)) for img, k in zip(raw, rotations, strict=True)])
+    assert torch.equal(images[:, 0], expected)
+
+
 def test_omniglot_decodes_once_then_reads_the_cache(tiny_omniglot: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = om.load_split(tiny_omniglot, "background")
     calls = []
