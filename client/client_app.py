@@ -2,7 +2,7 @@
 
 A node's data partition comes from its node config: `partition-id` and `num-partitions` (set by Flower's
 simulation engine, or by `flower-supernode --node-config` in a deployment), optionally `data-dir` for where
-this node keeps its data. Partitions 0..T-1 are the T training clients, T..T+U-1 the U unseen clients.
+this node keeps its data and `device` (cpu / cuda / auto) for where it computes. Partitions 0..T-1 are the T training clients, T..T+U-1 the U unseen clients.
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from fedmeta.config import RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
 from fedmeta.round import check_update
+from fedmeta.runtime import tune_allocator
 from fedmeta.types import ClientUpdate
 from server.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
 
 log = logging.getLogger(__name__)
+tune_allocator()  # this process computes client parts: keep big temporaries mapped (fedmeta.runtime)
 app = ClientApp()
 SECURE_PARAMS = "fitins.parameters"  # where a legacy FitIns (SecAgg+ rounds) keeps the meta-parameters
 
@@ -54,6 +56,8 @@ def _setup(message: Message, context: Context, flat: dict[str, Any] | None = Non
     flat.pop(wire.ROUND, None)
     if "data-dir" in context.node_config:  # the node's own data location wins over the server's default
         flat["data.data_dir"] = str(context.node_config["data-dir"])
+    if "device" in context.node_config:  # so does its own device (a GPU node among CPU nodes)
+        flat["compute.device"] = str(context.node_config["device"])
     experiment = _experiment(RunConfig.from_flat(flat))
     train, unseen = len(experiment.federation.train_clients), len(experiment.federation.unseen_clients)
     try:

@@ -272,6 +272,37 @@ class RobustConfig:
             _positive_float("robust.max_update_norm", self.max_update_norm)
 
 
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class ComputeConfig:
+    """Where and how a client computes its part. None of this changes the maths, only its speed and rounding.
+
+    The batched engine computes all of a client's tasks in one vectorised call (`fedmeta.batched`); the per-task
+    loop is the readable reference it is tested against.
+    """
+
+    # cpu, cuda, or auto (cuda when this machine's torch sees a GPU, else cpu).
+    device: str = "cpu"
+    batched: bool = True
+    # At most this many tasks per vectorised call (bounds peak memory; the result is the same). 0: automatic,
+    # 8 on a CPU (measured fastest there, benchmarks/RESULTS.md) and all of a client's tasks on a GPU.
+    task_chunk: int = 0
+    # bf16: forward passes under bfloat16 autocast (parameters, gradients and the outer step stay fp32).
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        _require(self.device in DEVICES, f"compute.device must be one of {DEVICES}, got {self.device!r}")
+        _require(isinstance(self.batched, bool), f"compute.batched must be true or false, got {self.batched!r}")
+        _require(
+            isinstance(self.task_chunk, int) and not isinstance(self.task_chunk, bool) and self.task_chunk >= 0,
+            f"compute.task_chunk must be a non-negative integer (0: automatic), got {self.task_chunk!r}",
+        )
+        _require(self.precision in PRECISIONS, f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+
 # Flower's SecAgg+ masks vectors modulo 2**32; the sum of a round's quantised updates must stay below it.
 SECAGG_MODULUS = 2**32
 
@@ -330,6 +361,7 @@ class RunConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
+    compute: ComputeConfig = field(default_factory=ComputeConfig)
 
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
@@ -370,6 +402,7 @@ class RunConfig:
             "privacy": PrivacyConfig,
             "secagg": SecAggConfig,
             "robust": RobustConfig,
+            "compute": ComputeConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

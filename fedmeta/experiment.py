@@ -17,6 +17,7 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.models import build_model
 from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
 from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
+from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
@@ -317,6 +318,15 @@ def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs
     else:
         out = config.episode.ways
     model = build_model(config.data.dataset, out_features=out)
+    c = config.compute
+    compute = {
+        "batched": c.batched,
+        "task_chunk": c.task_chunk,
+        "device": resolve_device(c.device),
+        "precision": c.precision,
+    }
     if name == "fedavg":
-        return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1)
-    return build_algorithm(name, model, kind=kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps)
+        return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1, **compute)
+    return build_algorithm(
+        name, model, kind=kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps, **compute
+    )

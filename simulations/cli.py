@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.checkpoint import CheckpointError
-from fedmeta.config import DATASETS, OMNIGLOT_PARTITIONS, OPTIMIZERS, PRIVACY_MODES, ConfigError, RunConfig
+from fedmeta.config import (
+    DATASETS,
+    DEVICES,
+    OMNIGLOT_PARTITIONS,
+    OPTIMIZERS,
+    PRECISIONS,
+    PRIVACY_MODES,
+    ConfigError,
+    RunConfig,
+)
 from fedmeta.robust import AGGREGATORS
 from fedmeta.tasks import DataError
 
@@ -58,6 +67,10 @@ OPTION_MAP = {
     "aggregator": "robust.aggregator",
     "trim_fraction": "robust.trim_fraction",
     "max_update_norm": "robust.max_update_norm",
+    "device": "compute.device",
+    "batched": "compute.batched",
+    "task_chunk": "compute.task_chunk",
+    "precision": "compute.precision",
 }
 
 
@@ -136,6 +149,20 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--trim-fraction", type=float, help="trimmed-mean: fraction dropped at each end per coordinate")
     p.add_argument("--max-update-norm", type=float, help="reject (and log) client updates with a larger L2 norm")
+    p.add_argument("--device", choices=DEVICES, help="where clients compute: cpu, cuda, or auto (default: cpu)")
+    p.add_argument(
+        "--task-loop",
+        dest="batched",
+        action="store_false",
+        default=None,
+        help="compute each client's tasks one by one (the reference path) instead of in one vectorised call",
+    )
+    p.add_argument(
+        "--task-chunk",
+        type=int,
+        help="at most N tasks per vectorised call, to bound memory (default 0: 8 on a CPU, all on a GPU)",
+    )
+    p.add_argument("--precision", choices=PRECISIONS, help="bf16: forward passes under bfloat16 autocast")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training + unseen clients of the federation (3 for the default app config)",
     )
     cli.add_argument("--data-dir", help="where this node keeps its data (default: the run config's)")
+    cli.add_argument("--device", choices=DEVICES, help="where this node computes (default: the run config's)")
     cli.add_argument("--port", type=int, help="this node's local runtime API port (default: 9100 + partition)")
     cli.add_argument("--auth-key", type=Path, help="this node's private key (fedmeta certs) for node authentication")
     _add_security_options(cli, certificates=False)
@@ -275,6 +303,7 @@ def _deploy(args: argparse.Namespace) -> int:
                 port=args.port or 9100 + args.partition,
                 insecure=args.insecure,
                 data_dir=args.data_dir,
+                device=args.device,
                 root_certificates=args.root_certificates,
                 auth_key=args.auth_key,
             )
@@ -301,6 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database announces its plugins
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower's usage telemetry is opt-in here
+    from fedmeta.runtime import tune_allocator
+
+    tune_allocator()
     # Heavy imports after parsing, so `fedmeta --help` is instant.
     from fedmeta.evaluation import format_summary
     from simulations.inprocess import evaluate_checkpoint, simulate

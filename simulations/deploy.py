@@ -66,6 +66,7 @@ def supernode_command(
     port: int,
     insecure: bool,
     data_dir: str | None = None,
+    device: str | None = None,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
 ) -> list[str]:
@@ -74,6 +75,8 @@ def supernode_command(
     node_config = f"partition-id={partition} num-partitions={num_partitions}"
     if data_dir is not None:
         node_config += f' data-dir="{data_dir}"'
+    if device is not None:
+        node_config += f' device="{device}"'
     command = [
         "flower-supernode",
         "--superlink",

@@ -38,6 +38,8 @@ def test_secure_commands_carry_flowers_tls_and_auth_options(tmp_path: Path) -> N
         insecure=False,
         root_certificates=tmp_path / "ca.crt",
         auth_key=tmp_path / "node-0",
+        device="cuda",
     )
+    assert node[node.index("--node-config") + 1] == 'partition-id=0 num-partitions=2 device="cuda"'
     assert node[node.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node-0")
     assert node[node.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")

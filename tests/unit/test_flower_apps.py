@@ -115,6 +115,13 @@ def test_client_app_rejects_bad_partitions_with_a_clear_error(node_config: dict,
         client_app(train_message(config, Experiment.from_config(config).initial_params()), ctx)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_node_configured_for_cuda_without_a_gpu_gets_a_clear_error() -> None:
+    config = small()
+    with pytest.raises(ValueError, match="compute.device is .cuda. but torch .* sees no GPU"):
+        client_app(train_message(config, Experiment.from_config(config).initial_params()), context(0, device="cuda"))
+
+
 def test_client_app_reports_missing_data(tmp_path: Path) -> None:
     config = small(**{"data.dataset": "omniglot", "algorithm": "protonet"})
     with pytest.raises(RuntimeError, match="Omniglot file not found"):
