@@ -2,7 +2,8 @@
 
 A node's data partition comes from its node config: `partition-id` and `num-partitions` (set by Flower's
 simulation engine, or by `flower-supernode --node-config` in a deployment), optionally `data-dir` for where
-this node keeps its data and `device` (cpu / cuda / auto) for where it computes. Partitions 0..T-1 are the T training clients, T..T+U-1 the U unseen clients.
+this node keeps its data and `device` (cpu / cuda / auto) for where it computes. Partitions 0..T-1 are the
+T training clients, T..T+U-1 the U unseen clients.
 """
 
 from __future__ import annotations
