@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
 
@@ -93,6 +94,9 @@ def _run(module: nn.Module, prefix: str, params: Params, state: _State, num_task
         for name, child in module.named_children():
             state = _run(child, f"{prefix}{name}.", params, state, num_tasks, shared)
         return state
+    if isinstance(module, BodyHead):
+        state = _run(module.body, f"{prefix}body.", params, state, num_tasks, shared)
+        return _run(module.head, f"{prefix}head.", params, state, num_tasks, shared)
     if isinstance(module, nn.Identity):
         return state
     if isinstance(module, nn.ReLU):

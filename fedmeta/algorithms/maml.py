@@ -60,16 +60,19 @@ class MAML(Algorithm):
         return meta_grad, self._metrics(loss, logits, task.query_y)
 
     # -- batched ------------------------------------------------------------------------------------------
-    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
-        """Query predictions after 0..steps inner steps, all tasks at once.
+    def _batch_inner_loop(
+        self, params: Params, batch: TaskBatch, steps: int
+    ) -> tuple[nn.Module, Iterator[Params], Tensor]:
+        """The inner loop on every task's support set: (network, per-task fast weights after 0..steps steps,
+        query inputs of that network).
 
-        When only the head adapts (ANIL) the body's features are computed once per task instead of once per
-        step: the body's weights do not change in the inner loop, so the values are those of the reference.
+        When only the head adapts (ANIL) the network is the head and its inputs are the body's features,
+        computed once per task instead of once per step: the body's weights do not change in the inner loop,
+        so the values are those of the reference.
         """
         weights = self.model_params(params)
         keys = self.adapt_keys(weights)
         lr = self.adaptation_lr(params)
-        fast = batched.per_task(weights, len(batch))
         model, x, query_x = self.model, batch.support_x, batch.query_x
         if keys is not None and _head_only(self.model, weights, keys):
             # The body is one network for all tasks: shared weights, its gradient the sum over tasks.
@@ -77,18 +80,27 @@ class MAML(Algorithm):
             model = self.model.head  # type: ignore[assignment]
             x = batched.batched_forward(self.model.body, body, x, shared=True)  # type: ignore[arg-type]
             query_x = batched.batched_forward(self.model.body, body, query_x, shared=True)  # type: ignore[arg-type]
-            fast = {k.removeprefix("head."): v for k, v in fast.items() if k.startswith("head.")}
-            lr = (
-                {k.removeprefix("head."): v for k, v in lr.items() if k.startswith("head.")}
-                if isinstance(lr, dict)
-                else lr
-            )
+            weights = {k.removeprefix("head."): v for k, v in weights.items() if k.startswith("head.")}
+            if isinstance(lr, dict):
+                lr = {k.removeprefix("head."): v for k, v in lr.items() if k.startswith("head.")}
             keys = None
         trajectory = batched.adapt_trajectory(
-            model, self.kind, fast, x, batch.support_y, steps=steps, inner_lr=lr, adapt_keys=keys
+            model,
+            self.kind,
+            batched.per_task(weights, len(batch)),
+            x,
+            batch.support_y,
+            steps=steps,
+            inner_lr=lr,
+            adapt_keys=keys,
         )
-        for step_weights in trajectory:
-            yield batched.batched_forward(model, step_weights, query_x)
+        return model, trajectory, query_x
+
+    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
+        """Query predictions after 0..steps inner steps, all tasks at once."""
+        model, trajectory, query_x = self._batch_inner_loop(params, batch, steps)
+        for fast in trajectory:
+            yield batched.batched_forward(model, fast, query_x)
 
     def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         if self.first_order:
@@ -118,7 +130,9 @@ class MAML(Algorithm):
             # Second order: the summed post-adaptation query losses, differentiated through every inner step
             # back to the shared initial weights, give the sum of the tasks' meta-gradients.
             def meta_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                *_, logits = self.batch_predictions(p, batch, self.inner_steps)
+                model, trajectory, query_x = self._batch_inner_loop(p, batch, self.inner_steps)
+                *_, fast = trajectory  # only the adapted weights' query predictions enter the loss
+                logits = batched.batched_forward(model, fast, query_x)
                 losses = batched.task_losses(self.kind, logits, batch.query_y)
                 return losses.sum(), (losses.detach(), logits.detach())
 

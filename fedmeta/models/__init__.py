@@ -13,16 +13,23 @@ from torch import nn
 from fedmeta.types import Params
 
 
-class SinusoidMLP(nn.Module):
+class BodyHead(nn.Module):
+    """A network that is `head(body(x))`: the contract ANIL, transfer and the batched engine rely on."""
+
+    body: nn.Module
+    head: nn.Module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class SinusoidMLP(BodyHead):
     """1-40-40-1 with ReLU, for sinusoid regression."""
 
     def __init__(self, hidden: int = 40) -> None:
         super().__init__()
         self.body = nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, 1) -> (n, 1)
-        return self.head(self.body(x))
+        self.head = nn.Linear(hidden, 1)  # (n, 1) -> (n, 1)
 
 
 def _conv_block(in_channels: int, channels: int, downsample: str) -> nn.Sequential:
@@ -37,7 +44,7 @@ def _conv_block(in_channels: int, channels: int, downsample: str) -> nn.Sequenti
     return nn.Sequential(*layers)
 
 
-class Conv4(nn.Module):
+class Conv4(BodyHead):
     """4 x [3x3 conv, batch norm, ReLU, stride-2 conv or 2x2 max-pool], then a linear head.
 
     With `out_features=None` there is no head: the flattened features are the output (ProtoNet's embedding).
@@ -61,10 +68,8 @@ class Conv4(nn.Module):
         )
         with torch.no_grad():
             self.num_features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+        # (n, 1, 28, 28) -> (n, out_features)
         self.head = nn.Linear(self.num_features, out_features) if out_features is not None else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (n, 1, 28, 28) -> (n, out_features)
-        return self.head(self.body(x))
 
 
 def build_model(dataset: str, *, out_features: int | None, downsample: str = "stride") -> nn.Module:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from fedmeta import batched as batched_module
 from fedmeta.algorithms import ALGORITHMS, Algorithm
 from fedmeta.batched import TaskBatch, batched_forward, per_task
 from fedmeta.config import ConfigError
@@ -128,6 +129,19 @@ def test_unknown_modules_fall_back_to_vmap_and_stay_exact() -> None:
         build("maml", model, kind="regression", batched=True).client_update(params, tasks),
         reference.client_update(params, tasks),
     )
+
+
+@pytest.mark.parametrize("model", [Conv4(5, channels=4), Conv4(None, channels=4, downsample="maxpool"), SinusoidMLP()])
+def test_fedmeta_models_never_take_the_slow_vmap_fallback(model: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("vmap fallback used")
+
+    monkeypatch.setattr(batched_module, "_vmapped", refuse)
+    x = torch.rand(2, 3, 1, 28, 28) if isinstance(model, Conv4) else torch.rand(2, 3, 1)
+    params = init_params(model, torch.Generator().manual_seed(0))
+
+    batched_forward(model, per_task(params, 2), x)
+    batched_forward(model, params, x, shared=True)
 
 
 def test_batched_forward_equals_the_model_applied_task_by_task() -> None:
