@@ -1,0 +1,137 @@
+"""Seconds per round of the Omniglot presets, end to end (task sampling, client parts, server step, learning
+curve), for this checkout's batched engine, its per-task reference path, and optionally an older commit.
+
+    python benchmarks/round_time.py --data-dir ../shared/data --rounds 10
+    python benchmarks/round_time.py --data-dir ../shared/data --rounds 10 --before 4179cf4   # + the old code
+    python benchmarks/round_time.py --data-dir ../shared/data --rounds 10 --profile          # where time goes
+
+Every variant runs `fedmeta simulate` in its own process, one after another, with the preset's own
+settings except: `--rounds` rounds, the learning curve every 5 rounds, no FedAvg baseline, and a final
+evaluation on 1 client x 1 task (its time is not counted). Seconds per round are the median of the
+`seconds` column of metrics.jsonl, which includes every 5th round's curve evaluation amortised over 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "round_time.jsonl"
+PRESETS = ["omniglot-maml", "omniglot-fomaml", "omniglot-reptile", "omniglot-protonet"]
+# The pieces of a round, by the function that does them (cumulative time in the profile).
+STAGES = {
+    "sample tasks": ("sampling.py", "local_tasks"),
+    "client parts": ("base.py", "client_update"),
+    "server step": ("experiment.py", "step"),
+    "learning curve": ("evaluation.py", "personalised_curves"),
+}
+
+
+def simulate_args(preset: str, rounds: int, data_dir: str, out: Path, extra: list[str]) -> list[str]:
+    return [
+        "simulate",
+        "--preset",
+        preset,
+        "--data-dir",
+        data_dir,
+        "--rounds",
+        str(rounds),
+        "--curve-every",
+        "5",
+        "--fedavg-rounds",
+        "0",
+        "--eval-clients",
+        "1",
+        "--eval-tasks",
+        "1",
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
+def seconds_per_round(out: Path) -> float:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["seconds"] for r in rows if r.get("phase") == "meta")
+
+
+def run_variant(label: str, preset: str, args: argparse.Namespace, *, cwd: Path, extra: list[str]) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [
+            sys.executable,
+            "-m",
+            "simulations.cli",
+            *simulate_args(preset, args.rounds, args.data_dir, out, extra),
+        ]
+        # PYTHONPATH first: an older checkout's packages win over this checkout's editable install.
+        subprocess.run(
+            command, cwd=cwd, env={"PYTHONPATH": str(cwd), "PATH": "/usr/bin:/bin"}, check=True, capture_output=True
+        )
+        row = {"preset": preset, "variant": label, "rounds": args.rounds, "seconds_per_round": seconds_per_round(out)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def profile_round(preset: str, args: argparse.Namespace) -> dict:
+    """Where the batched engine's round time goes: cumulative seconds per stage over `--rounds` rounds."""
+    from simulations.cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        profiler = cProfile.Profile()
+        profiler.runcall(main, simulate_args(preset, args.rounds, args.data_dir, Path(tmp) / "run", []))
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    row: dict = {"preset": preset, "profile_rounds": args.rounds}
+    for stage, (filename, function) in STAGES.items():
+        row[stage] = round(sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(filename) and fn == function), 2)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--before", help="also time this git commit (checked out into a temporary worktree)")
+    parser.add_argument("--profile", action="store_true", help="also profile the batched engine's rounds")
+    args = parser.parse_args()
+    args.data_dir = str(Path(args.data_dir).resolve())
+    rows = []
+    worktree = None
+    if args.before:
+        worktree = Path(tempfile.mkdtemp()) / "before"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(worktree), args.before],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+    try:
+        for preset in args.presets:
+            if worktree is not None:
+                rows.append(run_variant(f"before ({args.before})", preset, args, cwd=worktree, extra=[]))
+            rows.append(run_variant("per-task reference", preset, args, cwd=ROOT, extra=["--task-loop"]))
+            rows.append(run_variant("batched", preset, args, cwd=ROOT, extra=[]))
+            if args.profile:
+                rows.append(profile_round(preset, args))
+    finally:
+        if worktree is not None:
+            subprocess.run(["git", "worktree", "remove", "--force", str(worktree)], cwd=ROOT, check=False)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as out:
+        for row in rows:
+            out.write(json.dumps({**row, "command": " ".join(sys.argv)}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
