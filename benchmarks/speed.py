@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -253,6 +252,40 @@ def run_precision(args: argparse.Namespace, device: torch.device) -> list[dict]:
     return rows
 
 
+def run_profile(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """Where a batched 2nd-order MAML client part (5w1s, 1 step) spends its time: the top operators."""
+    from torch.profiler import profile
+
+    ways, shots, queries, steps = CONFIGS["5w1s-1"]
+    tasks = make_tasks(args.tasks, ways, shots, queries, args.data_dir)
+    algo = algorithm("maml", ways, steps, batched=True, device=device, task_chunk=args.task_chunk)
+    params = algo.init_params(torch.Generator().manual_seed(0))
+    algo.client_update(params, tasks)
+    with profile(record_shapes=True) as prof:
+        algo.client_update(params, tasks)
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    rows = []
+    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]:
+        row = {
+            "profile": "maml 5w1s-1 batched",
+            "op": e.key,
+            "share": round(e.self_cpu_time_total / total, 3),
+            "calls": e.count,
+            "first_input": e.input_shapes[0] if e.input_shapes else None,
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_child(steps: int, tasks: int, chunk: int, device_name: str) -> None:
     """In a fresh process: peak memory above the baseline while one client part of `tasks` tasks runs."""
     tune_allocator()
@@ -267,9 +300,11 @@ def peak_memory_child(steps: int, tasks: int, chunk: int, device_name: str) -> N
         algo.client_update(params, batch)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        # Linux: writing 5 to clear_refs resets the peak resident size (VmHWM) to the current one.
+        Path("/proc/self/clear_refs").write_text("5")
+        base = _status_kib("VmRSS")
         algo.client_update(params, batch)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = (_status_kib("VmHWM") - base) * 1024
     print(json.dumps({"peak_bytes": peak}))
 
 
@@ -310,13 +345,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--tasks", type=int, default=32, help="meta-batch: tasks per client part")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--algorithms", nargs="+", default=["maml", "fomaml", "anil", "metasgd", "reptile", "protonet"])
+    parser.add_argument("--algorithms", nargs="*", default=["maml", "fomaml", "anil", "metasgd", "reptile", "protonet"])
     parser.add_argument("--task-chunk", type=int, default=0, help="batched engine's chunk (0: automatic)")
     parser.add_argument("--data-dir", help="sample real Omniglot tasks instead of random images")
     parser.add_argument("--min-seconds", type=float, default=3.0, help="time each candidate at least this long")
     parser.add_argument("--repeats", type=int, default=3, help="at most this many timed calls per candidate")
     parser.add_argument("--memory", action="store_true", help="also measure peak memory of 2nd-order MAML")
     parser.add_argument("--precision", action="store_true", help="also compare bf16 autocast with fp32")
+    parser.add_argument("--profile", action="store_true", help="also list the top operators of batched MAML")
     parser.add_argument("--no-allocator-tuning", action="store_true", help="leave glibc's malloc thresholds alone")
     parser.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -327,7 +363,9 @@ def main() -> None:
     if not args.no_allocator_tuning:
         tune_allocator()
     device = resolve_device(args.device)
-    rows = run_speed(args, device)
+    rows = run_speed(args, device) if args.algorithms else []
+    if args.profile:
+        rows += run_profile(args, device)
     if args.precision:
         rows += run_precision(args, device)
     if args.memory:
