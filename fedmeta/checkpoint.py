@@ -43,6 +43,7 @@ def save_checkpoint(
         "opt_state": state.opt_state,
         "clip_norm": state.clip_norm,
         "dp_releases": list(state.dp_releases),
+        "elapsed": state.elapsed,
         "baselines": baselines or {},
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -67,6 +68,7 @@ def load_checkpoint(path: Path | str) -> tuple[RunConfig, ServerState, dict[str,
         round=payload["round"],
         clip_norm=payload.get("clip_norm"),
         dp_releases=tuple(payload.get("dp_releases", ())),
+        elapsed=float(payload.get("elapsed", 0.0)),
     )
     return config, state, payload["baselines"]
 

@@ -13,6 +13,7 @@ from typing import Any
 
 DATASETS = ("sinusoid", "omniglot")
 OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "linear", "cosine")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer")
 
 
@@ -119,10 +120,19 @@ class OuterConfig:
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    # The outer learning rate over `federation.rounds` rounds: constant, or annealed from `outer_lr` to
+    # `final_lr` linearly (Reptile, arXiv:1803.02999 sec. 6) or along a half cosine (MAML++, arXiv:1810.09502).
+    schedule: str = "constant"
+    final_lr: float = 0.0
 
     def __post_init__(self) -> None:
         _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         _positive_float("outer_lr", self.outer_lr)
+        _require(self.schedule in SCHEDULES, f"outer.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _require(
+            isinstance(self.final_lr, int | float) and not isinstance(self.final_lr, bool) and self.final_lr >= 0,
+            f"outer.final_lr must be a non-negative number, got {self.final_lr!r}",
+        )
         _require(0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1!r}")
         _require(0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2!r}")
         _positive_float("eps", self.eps)
@@ -138,9 +148,14 @@ class FederationConfig:
     client_fraction: float | None = None
     tasks_per_client: int = 4
     seed: int = 0
+    # Stop after the round that crosses this many minutes of training (the learning curve's scoring does not
+    # count); None: run all `rounds`. The outer schedule still spans `rounds`.
+    time_budget: float | None = None
 
     def __post_init__(self) -> None:
         _positive_int("rounds", self.rounds)
+        if self.time_budget is not None:
+            _positive_float("time_budget (minutes)", self.time_budget)
         _positive_int("clients_per_round", self.clients_per_round)
         if self.client_fraction is not None:
             _require(

@@ -56,7 +56,21 @@ class Outer:
     @property
     def optimizer(self) -> OuterOptimizer:
         o = self.config.outer
-        return OuterOptimizer(o.optimizer, o.outer_lr, o.beta1, o.beta2, o.eps)
+        return OuterOptimizer(
+            o.optimizer,
+            o.outer_lr,
+            o.beta1,
+            o.beta2,
+            o.eps,
+            schedule=o.schedule,
+            final_lr=o.final_lr,
+            total_steps=self.config.federation.rounds,
+        )
+
+    def over_budget(self, state: ServerState) -> bool:
+        """Whether the run's training time (`state.elapsed`) has used up `federation.time_budget` minutes."""
+        budget = self.config.federation.time_budget
+        return budget is not None and state.elapsed >= budget * 60.0
 
     @property
     def delta(self) -> float:
@@ -229,6 +243,7 @@ class Experiment:
                 **{
                     "outer.optimizer": "sgd",
                     "outer.outer_lr": 1.0,
+                    "outer.schedule": "constant",
                     "privacy.mode": "off",
                     "privacy.target_epsilon": None,
                     "privacy.adaptive_clipping": False,

@@ -33,6 +33,8 @@ class ServerState:
     # multiplier of every private release so far - the accountant's whole state.
     clip_norm: float | None = None
     dp_releases: tuple[float, ...] = ()
+    # Training seconds spent so far (the clock of `federation.time_budget`; survives a resume).
+    elapsed: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,5 @@ def _step(
 ) -> tuple[ServerState, dict[str, float]]:
     params, opt_state = optimizer.step(state.params, direction, state.opt_state)
     metrics["direction_norm"] = global_norm(direction)
-    return ServerState(
-        params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm, dp_releases=releases
-    ), metrics
+    new = replace(state, params=params, opt_state=opt_state, round=state.round + 1, clip_norm=clip_norm)
+    return replace(new, dp_releases=releases), metrics

@@ -108,6 +108,9 @@ class MetaServer:
         started = time.perf_counter()
         with JsonlSink(self.out / "metrics.jsonl", append=self.options.resume) as sink:
             for round_index in range(state.round, self.config.federation.rounds):
+                if outer.over_budget(state):
+                    log.info("time budget spent after %d rounds (%.1f min)", state.round, state.elapsed / 60)
+                    break
                 self.rejoin(grid, train_nodes, unseen_nodes)
                 state, metrics = self.train_round(grid, outer, state, round_index, train_nodes)
                 sink.write(metrics)
@@ -270,10 +273,14 @@ class MetaServer:
         else:
             state, round_metrics = outer.step(state, payload, round_index)
             round_metrics.update(extra)
+        seconds = time.perf_counter() - started
+        state = replace(state, elapsed=state.elapsed + seconds)
         metrics = {
             "phase": "meta",
             "round": state.round,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,
+            "elapsed": state.elapsed,
+            "outer_lr": outer.optimizer.lr_at(state.opt_state["step"]),
             **counts,
             **round_metrics,
         }

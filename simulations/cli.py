@@ -24,6 +24,7 @@ from fedmeta.config import (
     OPTIMIZERS,
     PRECISIONS,
     PRIVACY_MODES,
+    SCHEDULES,
     ConfigError,
     RunConfig,
 )
@@ -47,6 +48,9 @@ OPTION_MAP = {
     "eval_steps": "inner.eval_steps",
     "outer_optimizer": "outer.optimizer",
     "outer_lr": "outer.outer_lr",
+    "outer_schedule": "outer.schedule",
+    "final_outer_lr": "outer.final_lr",
+    "time_budget": "federation.time_budget",
     "rounds": "federation.rounds",
     "clients_per_round": "federation.clients_per_round",
     "client_fraction": "federation.client_fraction",
@@ -122,6 +126,11 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-steps", type=int, help="adaptation steps measured at evaluation")
     p.add_argument("--outer-optimizer", choices=OPTIMIZERS)
     p.add_argument("--outer-lr", type=float)
+    p.add_argument("--outer-schedule", choices=SCHEDULES, help="outer lr over the rounds: constant, linear, cosine")
+    p.add_argument("--final-outer-lr", type=float, help="the outer lr that linear/cosine anneal to (default 0)")
+    p.add_argument(
+        "--time-budget", type=float, metavar="MINUTES", help="stop after the round that crosses this much training"
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--clients-per-round", type=int)
     p.add_argument("--client-fraction", type=float, help="overrides --clients-per-round")

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -56,14 +57,21 @@ def train(
         mininterval=1.0,
     )
     for round_index in bar:
+        if outer.over_budget(state):
+            log.info("%s: time budget spent after %d rounds (%.1f min)", label, state.round, state.elapsed / 60)
+            break
         started = time.perf_counter()
         chosen = sample_clients(seed=seed, round_index=round_index, num_clients=len(clients), count=outer.sampled)
         updates = [(clients[c].client_id, experiment.client_update(state.params, c, round_index)) for c in chosen]
         state, round_metrics = outer.step(state, updates, round_index)
+        seconds = time.perf_counter() - started
+        state = replace(state, elapsed=state.elapsed + seconds)
         metrics: dict[str, Any] = {
             "phase": label,
             "round": state.round,
-            "seconds": time.perf_counter() - started,
+            "seconds": seconds,  # this round's training time (the learning curve's scoring not included)
+            "elapsed": state.elapsed,  # training seconds since round 1: the x-axis of time-to-accuracy
+            "outer_lr": outer.optimizer.lr_at(state.opt_state["step"]),
             **round_metrics,
         }
         if on_round is not None:
@@ -136,7 +144,11 @@ def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, r
         )
         meta_seconds = time.perf_counter() - started
         baselines = {"random_init": init}
-        fedavg = Experiment.from_config(config, algorithm="fedavg", federation=experiment.federation)
+        fedavg_config = config
+        if config.federation.time_budget is not None and config.eval.fedavg_rounds is None:
+            # "As many rounds as the meta-learning run": the rounds the budget allowed.
+            fedavg_config = config.replace(**{"eval.fedavg_rounds": state.round})
+        fedavg = Experiment.from_config(fedavg_config, algorithm="fedavg", federation=experiment.federation)
         if fedavg.rounds > 0:
             fedavg_state = train(
                 fedavg,

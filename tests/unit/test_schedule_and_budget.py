@@ -1,0 +1,105 @@
+"""The outer learning-rate schedules, and training within a time budget (issue #10)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedmeta.checkpoint import load_checkpoint
+from fedmeta.config import ConfigError, RunConfig
+from fedmeta.server_opt import OuterOptimizer
+from simulations.inprocess import simulate
+
+
+def test_linear_schedule_follows_reptiles_annealing() -> None:
+    # Reptile's code: step i (0-based) of n uses lr * (1 - i/n) + final * i/n.
+    opt = OuterOptimizer("sgd", 1.0, schedule="linear", final_lr=0.0, total_steps=4)
+    assert [opt.lr_at(s) for s in (1, 2, 3, 4, 5, 9)] == [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+
+
+def test_cosine_schedule_is_a_half_cosine_from_lr_to_final() -> None:
+    opt = OuterOptimizer("adam", 1e-3, schedule="cosine", final_lr=1e-5, total_steps=10)
+    for step in (1, 4, 11):
+        done = min(1.0, (step - 1) / 10)
+        assert opt.lr_at(step) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * done)))
+    assert opt.lr_at(1) == pytest.approx(1e-3) and opt.lr_at(11) == pytest.approx(1e-5)
+
+
+def test_scheduled_sgd_and_adam_steps_use_the_scheduled_rate() -> None:
+    params, direction = {"w": torch.tensor([1.0, -2.0])}, {"w": torch.tensor([0.5, 0.5])}
+    sgd = OuterOptimizer("sgd", 1.0, schedule="linear", total_steps=2)
+    state = sgd.init(params)
+    p1, state = sgd.step(params, direction, state)
+    p2, state = sgd.step(p1, direction, state)
+    assert torch.equal(p1["w"], params["w"] - 1.0 * direction["w"])
+    assert torch.equal(p2["w"], p1["w"] - 0.5 * direction["w"])
+
+    constant = OuterOptimizer("adam", 0.1, total_steps=2)
+    cosine = OuterOptimizer("adam", 0.1, schedule="cosine", final_lr=0.0, total_steps=2)
+    a, sa = constant.step(params, direction, constant.init(params))
+    b, sb = cosine.step(params, direction, cosine.init(params))
+    assert torch.equal(a["w"], b["w"])  # step 1: the full rate
+    a, _ = constant.step(a, direction, sa)
+    b, _ = cosine.step(b, direction, sb)
+    # Step 2 of 2 is half way along the cosine: half the rate, so half of Adam's (sign-like) step.
+    torch.testing.assert_close(b["w"] - params["w"] + 0.1, (a["w"] - params["w"] + 0.1) / 2, atol=1e-6, rtol=0)
+
+
+def test_bad_schedules_are_clear_errors() -> None:
+    with pytest.raises(ConfigError, match="outer.schedule must be one of"):
+        RunConfig().replace(**{"outer.schedule": "step"})
+    with pytest.raises(ConfigError, match="outer.final_lr must be a non-negative"):
+        RunConfig().replace(**{"outer.final_lr": -1.0})
+    with pytest.raises(ConfigError, match="time_budget"):
+        RunConfig().replace(**{"federation.time_budget": 0})
+
+
+def small_run(**overrides: object) -> RunConfig:
+    base = {
+        "data.num_train_clients": 6,
+        "data.num_unseen_clients": 2,
+        "federation.rounds": 50,
+        "federation.clients_per_round": 2,
+        "eval.eval_clients": 2,
+        "eval.eval_tasks_per_client": 2,
+        "eval.fedavg_rounds": None,
+        "inner.eval_steps": 1,
+    }
+    return RunConfig().replace(**{**base, **overrides})
+
+
+def test_a_time_budget_stops_after_the_round_that_crosses_it_and_resume_stays_within_it(tmp_path: Path) -> None:
+    # A budget of 1 ms: the first round crosses it, so exactly one round is trained.
+    config = small_run(**{"federation.time_budget": 1e-3 / 60})
+
+    summary = simulate(config, tmp_path, progress=False)
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    meta = [r for r in rows if r["phase"] == "meta"]
+    assert summary["rounds"] == 1 and [r["round"] for r in meta] == [1]
+    assert meta[0]["elapsed"] == pytest.approx(meta[0]["seconds"]) and meta[0]["elapsed"] > 0
+    # The FedAvg baseline gets as many rounds as the budget allowed the meta-model.
+    assert len([r for r in rows if r["phase"] == "fedavg"]) == 1
+    _, state, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state.elapsed == pytest.approx(meta[0]["elapsed"])
+
+    resumed = simulate(config, tmp_path, progress=False, resume=True)
+
+    assert resumed["rounds"] == 1  # the budget is already spent: no further round
+
+
+def test_metrics_carry_elapsed_training_seconds_and_the_outer_rate(tmp_path: Path) -> None:
+    config = small_run(**{"federation.rounds": 3, "outer.schedule": "linear", "outer.final_lr": 0.0})
+
+    simulate(config, tmp_path, progress=False)
+
+    meta = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    meta = [r for r in meta if r["phase"] == "meta"]
+    elapsed = [r["elapsed"] for r in meta]
+    assert elapsed == sorted(elapsed) and elapsed[-1] == pytest.approx(sum(r["seconds"] for r in meta))
+    lr = config.outer.outer_lr
+    assert [r["outer_lr"] for r in meta] == pytest.approx([lr, lr * 2 / 3, lr / 3])
