@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from fedmeta.functional import SGD, InnerOptimizer
 from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
@@ -217,10 +218,6 @@ def task_metrics(kind: str, prediction: Tensor, target: Tensor) -> Tensor:
     return task_losses(kind, prediction, target)
 
 
-def _lr(inner_lr: float | Params, key: str) -> float | Tensor:
-    return inner_lr[key] if isinstance(inner_lr, dict) else inner_lr
-
-
 def adapt_trajectory(
     model: nn.Module,
     kind: str,
@@ -231,6 +228,7 @@ def adapt_trajectory(
     steps: int,
     inner_lr: float | Params,
     adapt_keys: set[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
 ) -> Iterator[Params]:
     """Per-task fast weights after 0..steps steps of gradient descent on each task's (x, y).
 
@@ -239,15 +237,17 @@ def adapt_trajectory(
     Differentiable when called under an outer `torch.func.grad` (second order), plain tensors otherwise.
     """
     keys = [k for k in fast if adapt_keys is None or k in adapt_keys]
+    state = optimizer.init(fast, keys)
     yield fast
-    for _ in range(steps):
+    for step in range(steps):
         frozen = {k: v for k, v in fast.items() if k not in keys}
+        xb, yb = optimizer.minibatch(x, y, step, dim=1)
 
-        def loss_of(adapted: Params, frozen: Params = frozen) -> Tensor:
-            return task_losses(kind, batched_forward(model, {**frozen, **adapted}, x), y).sum()
+        def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+            return task_losses(kind, batched_forward(model, {**frozen, **adapted}, xb), yb).sum()
 
         grads = grad(loss_of)({k: fast[k] for k in keys})
-        fast = {**fast, **{k: fast[k] - _lr(inner_lr, k) * grads[k] for k in keys}}
+        fast, state = optimizer.step(fast, grads, inner_lr, state, step + 1)
         yield fast
 
 
@@ -261,7 +261,10 @@ def adapt(
     steps: int,
     inner_lr: float | Params,
     adapt_keys: set[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
 ) -> Params:
     """The per-task fast weights after `steps` steps (the last element of `adapt_trajectory`)."""
-    *_, last = adapt_trajectory(model, kind, fast, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys)
+    *_, last = adapt_trajectory(
+        model, kind, fast, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys, optimizer=optimizer
+    )
     return last

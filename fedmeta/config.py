@@ -14,6 +14,7 @@ from typing import Any
 DATASETS = ("sinusoid", "omniglot")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
+INNER_OPTIMIZERS = ("sgd", "adam")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer")
 
 
@@ -83,11 +84,20 @@ class EpisodeConfig:
     ways: int = 5
     shots: int = 10
     queries: int = 10
+    # Shots of the training episodes, when they differ from evaluation's (Reptile trains 1-shot models on
+    # 10-shot tasks, arXiv:1803.02999 appendix A); None: `shots`.
+    train_shots: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("ways", self.ways)
         _positive_int("shots", self.shots)
         _positive_int("queries", self.queries)
+        if self.train_shots is not None:
+            _positive_int("train_shots", self.train_shots)
+
+    @property
+    def training_shots(self) -> int:
+        return self.shots if self.train_shots is None else self.train_shots
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,10 @@ class InnerConfig:
     inner_lr: float = 0.02
     # Fine-tuning steps measured at evaluation time (accuracy/error after 0..eval_steps steps).
     eval_steps: int = 10
+    # sgd, or adam with beta1 = 0 and fresh state per task (Reptile's inner loop, arXiv:1803.02999 sec. 6).
+    inner_optimizer: str = "sgd"
+    # Examples per inner step (0: all of them); strided minibatches, see fedmeta.functional.InnerOptimizer.
+    inner_batch: int = 0
 
     def __post_init__(self) -> None:
         _require(
@@ -108,6 +122,14 @@ class InnerConfig:
         _require(
             isinstance(self.eval_steps, int) and self.eval_steps >= 0,
             f"eval_steps must be a non-negative integer, got {self.eval_steps!r}",
+        )
+        _require(
+            self.inner_optimizer in INNER_OPTIMIZERS,
+            f"inner_optimizer must be one of {INNER_OPTIMIZERS}, got {self.inner_optimizer!r}",
+        )
+        _require(
+            isinstance(self.inner_batch, int) and self.inner_batch >= 0,
+            f"inner_batch must be a non-negative integer (0: all examples), got {self.inner_batch!r}",
         )
 
 
@@ -386,6 +408,14 @@ class RunConfig:
             _require(
                 self.data.dataset != "sinusoid",
                 "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
+        if self.inner.inner_optimizer == "adam":
+            # A second-order meta-gradient differentiates Adam's sqrt(v), whose derivative is infinite where a
+            # gradient is zero (e.g. a convolution bias before batch norm): NaN. First-order methods are fine.
+            _require(
+                self.algorithm in ("reptile", "fomaml"),
+                f"inner.inner_optimizer 'adam' is for first-order methods (reptile, fomaml); {self.algorithm} "
+                "differentiates through the inner loop, and through Adam's square root that is undefined",
             )
         if self.robust.aggregator != "mean":
             # DP's sensitivity analysis is for the clipped mean; under SecAgg+ the server sees only the sum.

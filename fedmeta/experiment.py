@@ -14,6 +14,7 @@ import torch
 
 from fedmeta.algorithms import Algorithm, build_algorithm
 from fedmeta.config import ConfigError, RunConfig
+from fedmeta.functional import InnerOptimizer
 from fedmeta.models import build_model
 from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
 from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
@@ -216,7 +217,7 @@ class Experiment:
         if federation is None:
             federation = build_federation(config.data, seed=config.federation.seed)
             ep = config.episode
-            federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
+            federation.check_episode(ways=ep.ways, shots=max(ep.shots, ep.training_shots), queries=ep.queries)
             Outer(config, len(federation.train_clients)).check()
         name = algorithm or config.algorithm
         return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
@@ -283,7 +284,7 @@ class Experiment:
             data_kind=self.algorithm.data_kind,
             num_tasks=self.tasks_per_client,
             ways=ep.ways,
-            shots=ep.shots,
+            shots=ep.training_shots,
             queries=ep.queries,
             batch_size=self.config.eval.fedavg_batch,
         )
@@ -342,6 +343,13 @@ def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs
     }
     if name == "fedavg":
         return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1, **compute)
+    inner = InnerOptimizer(config.inner.inner_optimizer, batch=config.inner.inner_batch)
     return build_algorithm(
-        name, model, kind=kind, inner_lr=config.inner.inner_lr, inner_steps=config.inner.inner_steps, **compute
+        name,
+        model,
+        kind=kind,
+        inner_lr=config.inner.inner_lr,
+        inner_steps=config.inner.inner_steps,
+        inner_optimizer=inner,
+        **compute,
     )

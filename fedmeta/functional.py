@@ -7,7 +7,9 @@ returns plain tensors with no graph, which is how first-order methods and evalua
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,62 @@ def metric_for(kind: str) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
     return "accuracy", lambda logits, y: (logits.argmax(dim=-1) == y).double().mean()
 
 
+@dataclass(frozen=True)
+class InnerOptimizer:
+    """The inner loop's update rule, as pure functions: plain gradient descent, or Adam with per-task state.
+
+    Adam with beta1 = 0 is Reptile's inner optimizer (Nichol et al. 2018, arXiv:1803.02999, sec. 6); its state
+    starts afresh for every task. `batch` > 0 takes each step on a minibatch of about that many examples:
+    the examples are split into ceil(n / batch) strided parts (part j holds examples j, j + parts, ...), so a
+    class-ordered task gives every part a near-equal share of every class, and step s uses part s mod parts.
+    Shapes are free: the same functions serve the per-task path and the batched one (leading task axis).
+    """
+
+    name: str = "sgd"
+    batch: int = 0
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adam"):
+            raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {self.name!r}")
+
+    def init(self, fast: Params, keys: Collection[str]) -> Params:
+        if self.name == "sgd":
+            return {}
+        return {k: torch.zeros_like(fast[k]) for k in keys} | {f"m.{k}": torch.zeros_like(fast[k]) for k in keys}
+
+    def step(
+        self, fast: Params, grads: Params, inner_lr: float | Params, state: Params, t: int
+    ) -> tuple[Params, Params]:
+        """Step number `t` (1-based) on the keys of `grads`; returns new fast weights and state."""
+        if self.name == "sgd":
+            return {**fast, **{k: fast[k] - _lr(inner_lr, k) * g for k, g in grads.items()}}, state
+        new_state = dict(state)
+        updated = {}
+        for k, g in grads.items():
+            m = self.beta1 * state[f"m.{k}"] + (1 - self.beta1) * g
+            v = self.beta2 * state[k] + (1 - self.beta2) * g * g
+            m_hat = m / (1 - self.beta1**t)
+            v_hat = v / (1 - self.beta2**t)
+            updated[k] = fast[k] - _lr(inner_lr, k) * m_hat / (v_hat.sqrt() + self.eps)
+            new_state[k], new_state[f"m.{k}"] = v, m
+        return {**fast, **updated}, new_state
+
+    def minibatch(self, x: Tensor, y: Tensor, step: int, dim: int) -> tuple[Tensor, Tensor]:
+        """The examples of inner step `step` (0-based) along the example axis `dim`."""
+        n = x.shape[dim]
+        if self.batch <= 0 or self.batch >= n:
+            return x, y
+        parts = math.ceil(n / self.batch)
+        index = torch.arange(step % parts, n, parts, device=x.device)
+        return x.index_select(dim, index), y.index_select(dim, index)
+
+
+SGD = InnerOptimizer()
+
+
 def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
     return functional_call(model, params, (x,))
 
@@ -53,23 +111,27 @@ def adapt_trajectory(
     steps: int,
     inner_lr: float | Params,
     adapt_keys: Collection[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
 ) -> Iterator[Params]:
     """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent on (x, y).
 
     `inner_lr` is a float, or a per-parameter tensor dict keyed like `params` (Meta-SGD).
     `adapt_keys` limits adaptation to those parameters (ANIL adapts only the head); the rest stay fixed.
+    `optimizer`: plain SGD on all of (x, y) by default; Adam and minibatches on request (`InnerOptimizer`).
     """
     keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
     fast = dict(params)
+    state = optimizer.init(fast, keys)
     yield fast
-    for _ in range(steps):
+    for step in range(steps):
         frozen = {k: v for k, v in fast.items() if k not in keys}
+        xb, yb = optimizer.minibatch(x, y, step, dim=0)
 
-        def loss_of(adapted: Params, frozen: Params = frozen) -> Tensor:
-            return task_loss(model, loss_fn, {**frozen, **adapted}, x, y)
+        def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+            return task_loss(model, loss_fn, {**frozen, **adapted}, xb, yb)
 
         grads = grad(loss_of)({k: fast[k] for k in keys})
-        fast = {**fast, **{k: fast[k] - _lr(inner_lr, k) * grads[k] for k in keys}}
+        fast, state = optimizer.step(fast, grads, inner_lr, state, step + 1)
         yield fast
 
 
@@ -83,9 +145,12 @@ def adapt(
     steps: int,
     inner_lr: float | Params,
     adapt_keys: Collection[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
 ) -> Params:
     """The fast weights after `steps` steps (the last element of `adapt_trajectory`)."""
-    *_, fast = adapt_trajectory(model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys)
+    *_, fast = adapt_trajectory(
+        model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys, optimizer=optimizer
+    )
     return fast
 
 

@@ -20,6 +20,7 @@ from fedmeta.checkpoint import CheckpointError
 from fedmeta.config import (
     DATASETS,
     DEVICES,
+    INNER_OPTIMIZERS,
     OMNIGLOT_PARTITIONS,
     OPTIMIZERS,
     PRECISIONS,
@@ -46,6 +47,9 @@ OPTION_MAP = {
     "inner_steps": "inner.inner_steps",
     "inner_lr": "inner.inner_lr",
     "eval_steps": "inner.eval_steps",
+    "inner_optimizer": "inner.inner_optimizer",
+    "inner_batch": "inner.inner_batch",
+    "train_shots": "episode.train_shots",
     "outer_optimizer": "outer.optimizer",
     "outer_lr": "outer.outer_lr",
     "outer_schedule": "outer.schedule",
@@ -124,6 +128,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-steps", type=int)
     p.add_argument("--inner-lr", type=float)
     p.add_argument("--eval-steps", type=int, help="adaptation steps measured at evaluation")
+    p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, help="sgd, or adam (beta1 0, per task: Reptile)")
+    p.add_argument("--inner-batch", type=int, help="examples per inner step (0: all)")
+    p.add_argument("--train-shots", type=int, help="shots of training episodes (default: --shots)")
     p.add_argument("--outer-optimizer", choices=OPTIMIZERS)
     p.add_argument("--outer-lr", type=float)
     p.add_argument("--outer-schedule", choices=SCHEDULES, help="outer lr over the rounds: constant, linear, cosine")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from fedmeta import batched
 from fedmeta.batched import TaskBatch
-from fedmeta.functional import adapt_trajectory, forward, loss_fn_for, metric_for, tree_mean
+from fedmeta.functional import SGD, InnerOptimizer, adapt_trajectory, forward, loss_fn_for, metric_for, tree_mean
 from fedmeta.models import init_params
 from fedmeta.types import ClientUpdate, Params, Task
 
@@ -45,6 +45,7 @@ class Algorithm(ABC):
         task_chunk: int = 0,
         device: torch.device | str = "cpu",
         precision: str = "fp32",
+        inner_optimizer: InnerOptimizer = SGD,
     ) -> None:
         self.model = model
         self.kind = kind
@@ -52,6 +53,7 @@ class Algorithm(ABC):
         self.metric_name, self.metric_fn = metric_for(kind)
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
+        self.inner_optimizer = inner_optimizer
         # How the client part is computed (not what): batched (the default) or the per-task reference loop.
         self.batched = batched
         self.task_chunk = task_chunk
@@ -158,6 +160,7 @@ class Algorithm(ABC):
             steps=steps,
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
+            optimizer=self.inner_optimizer,
         )
         return [forward(self.model, fast, task.query_x).detach() for fast in trajectory]
 
@@ -177,6 +180,7 @@ class Algorithm(ABC):
             steps=steps,
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
+            optimizer=self.inner_optimizer,
         )
         for fast in trajectory:
             yield batched.batched_forward(self.model, fast, batch.query_x).detach()

@@ -39,6 +39,7 @@ class MAML(Algorithm):
             steps=self.inner_steps,
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
+            optimizer=self.inner_optimizer,
         )
 
     def _query_loss(self, fast: Params, task: Task) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -93,6 +94,7 @@ class MAML(Algorithm):
             steps=steps,
             inner_lr=lr,
             adapt_keys=keys,
+            optimizer=self.inner_optimizer,
         )
         return model, trajectory, query_x
 
@@ -116,6 +118,7 @@ class MAML(Algorithm):
                 steps=self.inner_steps,
                 inner_lr=self.adaptation_lr(params),
                 adapt_keys=self.adapt_keys(weights),
+                optimizer=self.inner_optimizer,
             )
             fast = {k: v.detach() for k, v in fast.items()}
 

@@ -25,7 +25,16 @@ class Reptile(Algorithm):
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
-        fast = adapt(self.model, self.loss_fn, params, x, y, steps=self.inner_steps, inner_lr=self.inner_lr)
+        fast = adapt(
+            self.model,
+            self.loss_fn,
+            params,
+            x,
+            y,
+            steps=self.inner_steps,
+            inner_lr=self.inner_lr,
+            optimizer=self.inner_optimizer,
+        )
         pseudo_grad = {k: params[k] - fast[k] for k in params}
         logits = forward(self.model, fast, x).detach()
         return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
@@ -40,6 +49,7 @@ class Reptile(Algorithm):
             y,
             steps=self.inner_steps,
             inner_lr=self.inner_lr,
+            optimizer=self.inner_optimizer,
         )
         pseudo_grad_sum = {k: (params[k].unsqueeze(0) - fast[k]).sum(0) for k in params}
         with torch.no_grad():
