@@ -87,6 +87,9 @@ class EpisodeConfig:
     # Shots of the training episodes, when they differ from evaluation's (Reptile trains 1-shot models on
     # 10-shot tasks, arXiv:1803.02999 appendix A); None: `shots`.
     train_shots: int | None = None
+    # Queries per class of the training episodes; None: `queries`. 0 only for Reptile, which trains on the
+    # support and query sets pooled (the paper's training tasks have no query set).
+    train_queries: int | None = None
 
     def __post_init__(self) -> None:
         _positive_int("ways", self.ways)
@@ -94,10 +97,19 @@ class EpisodeConfig:
         _positive_int("queries", self.queries)
         if self.train_shots is not None:
             _positive_int("train_shots", self.train_shots)
+        if self.train_queries is not None:
+            _require(
+                isinstance(self.train_queries, int) and self.train_queries >= 0,
+                f"train_queries must be a non-negative integer, got {self.train_queries!r}",
+            )
 
     @property
     def training_shots(self) -> int:
         return self.shots if self.train_shots is None else self.train_shots
+
+    @property
+    def training_queries(self) -> int:
+        return self.queries if self.train_queries is None else self.train_queries
 
 
 @dataclass(frozen=True)
@@ -408,6 +420,11 @@ class RunConfig:
             _require(
                 self.data.dataset != "sinusoid",
                 "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
+        if self.episode.training_queries == 0:
+            _require(
+                self.algorithm == "reptile",
+                f"episode.train_queries 0 leaves {self.algorithm} no query set to learn from (only reptile pools)",
             )
         if self.inner.inner_optimizer == "adam":
             # A second-order meta-gradient differentiates Adam's sqrt(v), whose derivative is infinite where a

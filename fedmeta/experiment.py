@@ -217,7 +217,8 @@ class Experiment:
         if federation is None:
             federation = build_federation(config.data, seed=config.federation.seed)
             ep = config.episode
-            federation.check_episode(ways=ep.ways, shots=max(ep.shots, ep.training_shots), queries=ep.queries)
+            federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
+            federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
             Outer(config, len(federation.train_clients)).check()
         name = algorithm or config.algorithm
         return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
@@ -285,7 +286,7 @@ class Experiment:
             num_tasks=self.tasks_per_client,
             ways=ep.ways,
             shots=ep.training_shots,
-            queries=ep.queries,
+            queries=ep.training_queries,
             batch_size=self.config.eval.fedavg_batch,
         )
         update = self.algorithm.client_update(params, tasks)

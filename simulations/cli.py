@@ -50,6 +50,7 @@ OPTION_MAP = {
     "inner_optimizer": "inner.inner_optimizer",
     "inner_batch": "inner.inner_batch",
     "train_shots": "episode.train_shots",
+    "train_queries": "episode.train_queries",
     "outer_optimizer": "outer.optimizer",
     "outer_lr": "outer.outer_lr",
     "outer_schedule": "outer.schedule",
@@ -131,6 +132,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, help="sgd, or adam (beta1 0, per task: Reptile)")
     p.add_argument("--inner-batch", type=int, help="examples per inner step (0: all)")
     p.add_argument("--train-shots", type=int, help="shots of training episodes (default: --shots)")
+    p.add_argument("--train-queries", type=int, help="queries of training episodes (default: --queries)")
     p.add_argument("--outer-optimizer", choices=OPTIMIZERS)
     p.add_argument("--outer-lr", type=float)
     p.add_argument("--outer-schedule", choices=SCHEDULES, help="outer lr over the rounds: constant, linear, cosine")

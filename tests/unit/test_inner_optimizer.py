@@ -111,12 +111,18 @@ def test_second_order_methods_refuse_an_adam_inner_loop(name: str) -> None:
         RunConfig().replace(**{"algorithm": name, "inner.inner_optimizer": "adam"})
 
 
+def test_only_reptile_trains_without_queries() -> None:
+    with pytest.raises(ConfigError, match="leaves fomaml no query set"):
+        RunConfig().replace(**{"algorithm": "fomaml", "episode.train_queries": 0})
+
+
 def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
     config = RunConfig().replace(
         **{
             "algorithm": "reptile",
             "episode.shots": 2,
             "episode.train_shots": 7,
+            "episode.train_queries": 0,
             "episode.queries": 3,
             "inner.inner_optimizer": "adam",
             "inner.inner_batch": 5,
@@ -130,12 +136,12 @@ def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
     original = algorithm.client_update
 
     def spy(params, tasks):
-        seen.extend(t.support_x.shape[0] for t in tasks)
+        seen.extend((t.support_x.shape[0], t.query_x.shape[0]) for t in tasks)
         return original(params, tasks)
 
     algorithm.client_update = spy  # type: ignore[method-assign]
     experiment.client_update(experiment.initial_params(), 0, 0)
 
-    assert seen == [7] * config.federation.tasks_per_client
+    assert seen == [(7, 0)] * config.federation.tasks_per_client
     assert algorithm.inner_optimizer == InnerOptimizer("adam", batch=5)
     assert experiment.eval_kwargs()["shots"] == 2
