@@ -5,6 +5,11 @@ other episode shapes it supports, and appends one JSON line per (algorithm, epis
 `benchmarks/results/omniglot.jsonl`. Usage (data from ../shared/data or $FEDMETA_DATA_DIR):
 
     python benchmarks/omniglot_accuracy.py --data-dir ../shared/data --algorithms protonet maml fomaml reptile
+    python benchmarks/omniglot_accuracy.py --algorithms reptile --split vinyals --time-budget 30
+
+`--split vinyals` trains on the papers' 1,200 characters and evaluates as the papers do: 1,000 tasks from the
+423 test characters for each of 5-way 1-shot, 5-way 5-shot, 20-way 1-shot and 20-way 5-shot (a head-based
+model only at the number of ways it was trained for), mean and 95% CI over tasks.
 
 Progress bars go to stderr; a run's per-round metrics (with the unseen-client learning curve) are in
 runs/bench/<algorithm>/metrics.jsonl.
@@ -28,7 +33,7 @@ from simulations.inprocess import evaluate_checkpoint, simulate
 
 # Episode shapes evaluated after training: (ways, shots, queries). A head-based model only evaluates at the
 # number of ways it was trained with; ProtoNet evaluates at any.
-SHAPES = {"5w1s": (5, 1, 15), "5w5s": (5, 5, 15), "20w1s": (20, 1, 5)}
+SHAPES = {"5w1s": (5, 1, 15), "5w5s": (5, 5, 15), "20w1s": (20, 1, 5), "20w5s": (20, 5, 5)}
 
 
 def main() -> None:
@@ -38,6 +43,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="override the presets' rounds")
     parser.add_argument("--ways", type=int, help="override the presets' training ways")
     parser.add_argument("--tag", default="", help="suffix for run directories and result rows")
+    parser.add_argument("--split", choices=["lake", "vinyals"], default="lake", help="Omniglot split (see above)")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train for at most this long")
+    parser.add_argument("--eval-tasks", type=int, help="tasks per unseen client (default: preset; vinyals: 1000)")
     parser.add_argument("--out", default="benchmarks/results/omniglot.jsonl")
     args = parser.parse_args()
 
@@ -48,7 +56,14 @@ def main() -> None:
         if args.ways:
             queries = 15 if args.ways <= 5 else 5
             config = config.replace(**{"episode.ways": args.ways, "episode.queries": queries})
-        run_dir = Path("runs/bench") / f"{algorithm}-{config.episode.ways}w{args.tag}"
+        if args.time_budget:
+            config = config.replace(**{"federation.time_budget": args.time_budget})
+        eval_tasks = args.eval_tasks or (1000 if args.split == "vinyals" else None)
+        config = config.replace(**{"data.split": args.split})
+        if eval_tasks:
+            config = config.replace(**{"eval.eval_tasks_per_client": eval_tasks})
+        split_tag = "" if args.split == "lake" else "-vinyals"
+        run_dir = Path("runs/bench") / f"{algorithm}-{config.episode.ways}w{split_tag}{args.tag}"
         started = time.perf_counter()
         summary = simulate(config, run_dir)
         wall = time.perf_counter() - started
@@ -68,9 +83,11 @@ def main() -> None:
             meta = result["results"]["meta"]["over_tasks"]
             row = {
                 "algorithm": algorithm,
+                "split": args.split,
                 "shape": shape,
                 "trained": f"{config.episode.ways}w{config.episode.shots}s",
-                "rounds": config.federation.rounds,
+                "rounds": summary["rounds"],
+                "time_budget_minutes": args.time_budget,
                 "clients_per_round": config.federation.clients_per_round,
                 "tasks_per_client": config.federation.tasks_per_client,
                 "train_wall_seconds": wall,

@@ -15,7 +15,8 @@ DATASETS = ("sinusoid", "omniglot")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 INNER_OPTIMIZERS = ("sgd", "adam")
-OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer")
+OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
+OMNIGLOT_SPLITS = ("lake", "vinyals")
 
 
 class ConfigError(ValueError):
@@ -53,9 +54,13 @@ class DataConfig:
     num_unseen_clients: int = 20
     # Sinusoid: each client owns a window of this fraction of the amplitude and phase ranges (non-IID).
     client_window: float = 0.3
-    # Omniglot: one client per alphabet, or per (alphabet, group of drawers) for hundreds of clients.
+    # Omniglot: one client per alphabet, per (alphabet, group of drawers) for hundreds of clients, or
+    # ("character") the training characters dealt at random to `num_train_clients` clients (IID).
     partition: str = "alphabet"
     drawers_per_client: int = 5
+    # Omniglot: "lake" - background alphabets train, evaluation alphabets are unseen clients (federated);
+    # "vinyals" - the papers' character split: 1,200 characters train, 423 test characters are one unseen client.
+    split: str = "lake"
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
@@ -65,6 +70,7 @@ class DataConfig:
             isinstance(self.client_window, int | float) and 0 < self.client_window <= 1,
             f"client_window must be in (0, 1], got {self.client_window!r}",
         )
+        _require(self.split in OMNIGLOT_SPLITS, f"split must be one of {OMNIGLOT_SPLITS}, got {self.split!r}")
         _require(
             self.partition in OMNIGLOT_PARTITIONS,
             f"partition must be one of {OMNIGLOT_PARTITIONS}, got {self.partition!r}",

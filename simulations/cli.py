@@ -22,6 +22,7 @@ from fedmeta.config import (
     DEVICES,
     INNER_OPTIMIZERS,
     OMNIGLOT_PARTITIONS,
+    OMNIGLOT_SPLITS,
     OPTIMIZERS,
     PRECISIONS,
     PRIVACY_MODES,
@@ -38,6 +39,7 @@ OPTION_MAP = {
     "dataset": "data.dataset",
     "data_dir": "data.data_dir",
     "partition": "data.partition",
+    "split": "data.split",
     "drawers_per_client": "data.drawers_per_client",
     "num_train_clients": "data.num_train_clients",
     "num_unseen_clients": "data.num_unseen_clients",
@@ -118,9 +120,16 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", choices=DATASETS)
     p.add_argument("--data-dir", help="benchmark data directory (default: $FEDMETA_DATA_DIR, then ./data)")
     p.add_argument(
-        "--partition", choices=OMNIGLOT_PARTITIONS, help="Omniglot clients: per alphabet or alphabet x drawers"
+        "--partition",
+        choices=OMNIGLOT_PARTITIONS,
+        help="Omniglot clients: per alphabet, alphabet x drawers, or character (IID, --num-train-clients of them)",
     )
     p.add_argument("--drawers-per-client", type=int)
+    p.add_argument(
+        "--split",
+        choices=OMNIGLOT_SPLITS,
+        help="Omniglot: lake (unseen alphabets, the default) or vinyals (the papers' character split)",
+    )
     p.add_argument("--num-train-clients", type=int, help="sinusoid: number of training clients")
     p.add_argument("--num-unseen-clients", type=int, help="sinusoid: number of unseen clients")
     p.add_argument("--ways", type=int)

@@ -5,9 +5,12 @@ downsamples every 105x105 drawing to 28x28 once, and caches the arrays beside th
 second run starts in about a second. Classes are (character, rotation) pairs: the four 90-degree rotations
 of a character are four classes, as in Santoro et al. 2016 and every MAML-era paper.
 
-The split is by alphabet: the 30 background alphabets are training clients, the 20 evaluation alphabets
-are clients the meta-model never sees. (Published numbers mostly use the Vinyals character split, which
-mixes alphabets between train and test and is therefore easier.)
+Two splits. "lake" (the federated one, the default): the 30 background alphabets are training clients, the
+20 evaluation alphabets are clients the meta-model never sees, and every task comes from one alphabet.
+"vinyals" (the papers' standard protocol, Vinyals et al. 2016, arXiv:1606.04080): the 1,200 "trainval"
+characters of the published split lists, drawn from both zips, are spread over the training clients, and the
+423 test characters form one unseen client whose tasks mix alphabets - easier, and what published accuracies
+are measured on.
 """
 
 from __future__ import annotations
@@ -37,6 +40,12 @@ DRAWERS = 20
 ROTATIONS = 4
 IMAGE_SIZE = 28
 DOWNLOAD_URL = "https://github.com/brendenlake/omniglot/raw/master/python/images_{split}.zip"
+# The Vinyals split lists as distributed with the Prototypical Networks code (MIT licence).
+SPLIT_LIST_URL = (
+    "https://raw.githubusercontent.com/jakesnell/prototypical-networks/master/data/omniglot/splits/vinyals/{name}.txt"
+)
+VINYALS_LISTS = ("trainval", "test")
+_ROTATION_NAMES = ("rot000", "rot090", "rot180", "rot270")
 HOW_TO_GET = (
     "Get it with `fedmeta download omniglot --data-dir DIR` (or place the official "
     "images_background.zip and images_evaluation.zip in DIR/omniglot/), then pass --data-dir DIR "
@@ -196,60 +205,157 @@ class OmniglotClient:
         return self._images(characters, rotations, drawers), torch.tensor(labels, dtype=torch.int64)
 
 
-def _clients(split: OmniglotSplit, prefix: str, *, partition: str, drawers_per_client: int) -> list[OmniglotClient]:
+def _clients(
+    split: OmniglotSplit,
+    prefix: str,
+    *,
+    partition: str,
+    drawers_per_client: int,
+    num_clients: int,
+    seed: int,
+    characters: list[int] | None = None,
+) -> list[OmniglotClient]:
+    """Clients over `characters` (default: all of `split`) by alphabet, alphabet x drawers, or character."""
+    characters = list(range(len(split.names))) if characters is None else characters
+    # The FedAvg baseline's label space: the training characters in order, times 4 rotations.
+    global_class = {c: i for i, c in enumerate(characters)}
+    if partition == "character":
+        if not 0 < num_clients <= len(characters):
+            raise DataError(f"cannot deal {len(characters)} characters to {num_clients} clients")
+        order = np.random.default_rng([seed, 7]).permutation(characters)
+        return [
+            OmniglotClient(
+                f"{prefix}clients{i}",
+                split,
+                tuple(sorted(int(c) for c in order[i::num_clients])),
+                tuple(range(DRAWERS)),
+                global_class,
+            )
+            for i in range(num_clients)
+        ]
     by_alphabet: dict[str, list[int]] = {}
-    for index, alphabet in enumerate(split.alphabets):
-        by_alphabet.setdefault(alphabet, []).append(index)
-    global_class = {c: c for c in range(len(split.names))}
+    for index in characters:
+        by_alphabet.setdefault(split.alphabets[index], []).append(index)
     groups = (
         [tuple(range(DRAWERS))]
         if partition == "alphabet"
         else [tuple(range(start, start + drawers_per_client)) for start in range(0, DRAWERS, drawers_per_client)]
     )
     clients = []
-    for alphabet, characters in sorted(by_alphabet.items()):
+    for alphabet, rows in sorted(by_alphabet.items()):
         for g, drawers in enumerate(groups):
             suffix = "" if partition == "alphabet" else f"/drawers{g}"
-            clients.append(
-                OmniglotClient(f"{prefix}{alphabet}{suffix}", split, tuple(characters), drawers, global_class)
-            )
+            clients.append(OmniglotClient(f"{prefix}{alphabet}{suffix}", split, tuple(rows), drawers, global_class))
     return clients
 
 
 def omniglot_federation(
-    data_dir: Path | str | None, *, partition: str = "alphabet", drawers_per_client: int = 5
+    data_dir: Path | str | None,
+    *,
+    partition: str = "alphabet",
+    drawers_per_client: int = 5,
+    split: str = "lake",
+    num_train_clients: int = 100,
+    num_unseen_clients: int = 20,
+    seed: int = 0,
 ) -> Federation:
-    """Background alphabets train, evaluation alphabets are unseen (by alphabet, or alphabet x drawer group)."""
+    """Training clients and unseen clients of one of the two splits (module docstring).
+
+    `partition`: one client per alphabet, per (alphabet, group of `drawers_per_client` drawers), or
+    ("character") the training characters dealt at random into `num_train_clients` clients (IID by
+    character). Under the Vinyals split the unseen side is always one client holding every test character.
+    """
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     background = load_split(root, "background")
     evaluation = load_split(root, "evaluation")
-    return Federation(
-        name="omniglot",
-        kind="classification",
-        train_clients=_clients(background, "bg:", partition=partition, drawers_per_client=drawers_per_client),
-        unseen_clients=_clients(evaluation, "eval:", partition=partition, drawers_per_client=drawers_per_client),
-        num_global_outputs=len(background.names) * ROTATIONS,
+    if split == "lake":
+        train = _clients(
+            background,
+            "bg:",
+            partition=partition,
+            drawers_per_client=drawers_per_client,
+            num_clients=num_train_clients,
+            seed=seed,
+        )
+        unseen = _clients(
+            evaluation,
+            "eval:",
+            partition=partition,
+            drawers_per_client=drawers_per_client,
+            num_clients=num_unseen_clients,
+            seed=seed,
+        )
+        return Federation("omniglot", "classification", train, unseen, len(background.names) * ROTATIONS)
+    if split != "vinyals":
+        raise ValueError(f"Omniglot split must be 'lake' or 'vinyals', got {split!r}")
+    both = _concatenate(background, evaluation)
+    lists = {name: _read_vinyals_list(root, name, both) for name in VINYALS_LISTS}
+    train = _clients(
+        both,
+        "vinyals:",
+        partition=partition,
+        drawers_per_client=drawers_per_client,
+        num_clients=num_train_clients,
+        seed=seed,
+        characters=lists["trainval"],
+    )
+    test = OmniglotClient("vinyals:test", both, tuple(lists["test"]), tuple(range(DRAWERS)), {})
+    return Federation("omniglot", "classification", train, [test], len(lists["trainval"]) * ROTATIONS)
+
+
+def _concatenate(a: OmniglotSplit, b: OmniglotSplit) -> OmniglotSplit:
+    return OmniglotSplit(
+        images=np.concatenate([a.images, b.images]), alphabets=a.alphabets + b.alphabets, names=a.names + b.names
     )
 
 
-def download(data_dir: Path | str, *, url_template: str = DOWNLOAD_URL) -> list[Path]:
-    """Fetch the two official zips into DATA_DIR/omniglot/ (skipping files already there)."""
+def _read_vinyals_list(root: Path, name: str, split: OmniglotSplit) -> list[int]:
+    """Rows of `split` named by DIR/omniglot/splits_vinyals/NAME.txt (lines `Alphabet/characterNN/rotXXX`).
+
+    Every character must be listed with all four rotations: fedmeta's classes are a character's rotations.
+    """
+    path = root / "omniglot" / "splits_vinyals" / f"{name}.txt"
+    if not path.is_file():
+        raise DataError(f"Vinyals split list not found: {path}. {HOW_TO_GET}")
+    rotations: dict[str, set[str]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        character, _, rotation = line.strip().rpartition("/")
+        if not character or rotation not in _ROTATION_NAMES:
+            raise DataError(f"{path}:{number}: expected 'Alphabet/characterNN/rotXXX', got {line!r}")
+        rotations.setdefault(character, set()).add(rotation)
+    partial = [c for c, r in rotations.items() if len(r) != ROTATIONS]
+    if partial:
+        raise DataError(f"{path}: {len(partial)} character(s) lack some of the 4 rotations, e.g. {partial[0]}")
+    index = {n: i for i, n in enumerate(split.names)}
+    missing = [c for c in rotations if c not in index]
+    if missing:
+        raise DataError(f"{path}: {len(missing)} listed character(s) are not in the zips, e.g. {missing[0]}")
+    return sorted(index[c] for c in rotations)
+
+
+def download(
+    data_dir: Path | str, *, url_template: str = DOWNLOAD_URL, list_template: str = SPLIT_LIST_URL
+) -> list[Path]:
+    """Fetch the two official zips and the Vinyals split lists into DATA_DIR/omniglot/ (skipping files there)."""
     target = Path(data_dir) / "omniglot"
     target.mkdir(parents=True, exist_ok=True)
+    wanted = [(_zip_path(Path(data_dir), s), url_template.format(split=s)) for s in SPLITS]
+    wanted += [(target / "splits_vinyals" / f"{n}.txt", list_template.format(name=n)) for n in VINYALS_LISTS]
     written = []
-    for split in SPLITS:
-        path = _zip_path(Path(data_dir), split)
+    for path, url in wanted:
         if path.is_file():
             log.info("%s already present", path)
             written.append(path)
             continue
-        url = url_template.format(split=split)
         log.info("downloading %s", url)
-        partial = path.with_suffix(".zip.part")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(path.name + ".part")
         with urllib.request.urlopen(url) as response, open(partial, "wb") as out:  # noqa: S310 (fixed https URL)
             while chunk := response.read(1 << 20):
                 out.write(chunk)
-        if not zipfile.is_zipfile(partial):
+        if path.suffix == ".zip" and not zipfile.is_zipfile(partial):
             partial.unlink()
             raise DataError(f"download of {url} did not yield a zip archive")
         partial.replace(path)

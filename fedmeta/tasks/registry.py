@@ -16,4 +16,12 @@ def build_federation(data: DataConfig, *, seed: int) -> Federation:
             window=data.client_window,
             seed=seed,
         )
-    return omniglot_federation(data.data_dir, partition=data.partition, drawers_per_client=data.drawers_per_client)
+    return omniglot_federation(
+        data.data_dir,
+        partition=data.partition,
+        drawers_per_client=data.drawers_per_client,
+        split=data.split,
+        num_train_clients=data.num_train_clients,
+        num_unseen_clients=data.num_unseen_clients,
+        seed=seed,
+    )

@@ -168,14 +168,67 @@ def test_incomplete_omniglot_zip_is_rejected(tmp_path: Path) -> None:
         om.load_split(tmp_path, "background")
 
 
-def test_download_fetches_both_archives(tiny_omniglot: Path, tmp_path: Path) -> None:
+def test_download_fetches_both_archives_and_the_split_lists(tiny_omniglot: Path, tmp_path: Path) -> None:
+    write_vinyals_lists(tiny_omniglot)
     target = tmp_path / "fresh"
     template = (tiny_omniglot / "omniglot").as_uri() + "/images_{split}.zip"
+    lists = (tiny_omniglot / "omniglot" / "splits_vinyals").as_uri() + "/{name}.txt"
 
-    written = om.download(target, url_template=template)
+    written = om.download(target, url_template=template, list_template=lists)
 
-    assert [p.name for p in written] == ["images_background.zip", "images_evaluation.zip"]
+    assert [p.name for p in written] == ["images_background.zip", "images_evaluation.zip", "trainval.txt", "test.txt"]
     assert om.load_split(target, "evaluation").names == ("Gamma/character01", "Gamma/character02")
+    assert len(om.omniglot_federation(target, split="vinyals").unseen_clients[0].characters) == 2
+
+
+ROTS = ("rot000", "rot090", "rot180", "rot270")
+
+
+def write_vinyals_lists(root: Path, test: tuple[str, ...] = ("Beta/character02", "Gamma/character01")) -> None:
+    """Train on Alpha's 3 characters, Beta's first and Gamma's second; test on the rest (alphabets mixed)."""
+    train = ("Alpha/character01", "Alpha/character02", "Alpha/character03", "Beta/character01", "Gamma/character02")
+    lists = root / "omniglot" / "splits_vinyals"
+    lists.mkdir(parents=True, exist_ok=True)
+    for name, chars in (("trainval", train), ("test", test)):
+        (lists / f"{name}.txt").write_text("".join(f"{c}/{r}\n" for c in chars for r in ROTS))
+
+
+def test_vinyals_split_mixes_both_zips_and_tests_on_one_client(tiny_omniglot: Path) -> None:
+    write_vinyals_lists(tiny_omniglot)
+
+    by_alphabet = om.omniglot_federation(tiny_omniglot, split="vinyals")
+    iid = om.omniglot_federation(tiny_omniglot, split="vinyals", partition="character", num_train_clients=2, seed=3)
+
+    assert [c.client_id for c in by_alphabet.train_clients] == ["vinyals:Alpha", "vinyals:Beta", "vinyals:Gamma"]
+    (test,) = by_alphabet.unseen_clients
+    names = lambda c: sorted(c.split.names[i] for i in c.characters)  # noqa: E731
+    assert names(test) == ["Beta/character02", "Gamma/character01"] and test.num_classes == 8
+    assert by_alphabet.num_global_outputs == 5 * 4
+    dealt = [names(c) for c in iid.train_clients]
+    assert sorted(sum(dealt, [])) == sorted(sum((names(c) for c in by_alphabet.train_clients), []))
+    assert sorted(len(d) for d in dealt) == [2, 3]
+    again = om.omniglot_federation(tiny_omniglot, split="vinyals", partition="character", num_train_clients=2, seed=3)
+    assert [names(c) for c in again.train_clients] == dealt  # seeded
+    task = test.sample_task(np.random.default_rng(0), ways=8, shots=1, queries=1)
+    assert task.support_x.shape == (8, 1, 28, 28)
+    batch_x, batch_y = by_alphabet.train_clients[2].sample_batch(np.random.default_rng(0), 8)
+    assert set(batch_y.tolist()) <= set(range(16, 20))  # Gamma/character02 is the 5th training character
+
+
+def test_vinyals_lists_that_are_missing_or_malformed_are_clear_errors(tiny_omniglot: Path) -> None:
+    with pytest.raises(DataError, match=r"Vinyals split list not found: .*trainval\.txt"):
+        om.omniglot_federation(tiny_omniglot, split="vinyals")
+    write_vinyals_lists(tiny_omniglot)
+    lists = tiny_omniglot / "omniglot" / "splits_vinyals"
+    (lists / "test.txt").write_text("Beta/character02/rot000\n")
+    with pytest.raises(DataError, match="lack some of the 4 rotations"):
+        om.omniglot_federation(tiny_omniglot, split="vinyals")
+    write_vinyals_lists(tiny_omniglot, test=("Zeta/character09",))
+    with pytest.raises(DataError, match="not in the zips, e.g. Zeta/character09"):
+        om.omniglot_federation(tiny_omniglot, split="vinyals")
+    (lists / "test.txt").write_text("garbage\n")
+    with pytest.raises(DataError, match=r"test.txt:1: expected 'Alphabet/characterNN/rotXXX'"):
+        om.omniglot_federation(tiny_omniglot, split="vinyals")
 
 
 @pytest.mark.data
@@ -187,6 +240,9 @@ def test_real_omniglot_has_the_published_structure(omniglot_dir: Path) -> None:
     assert sum(len(c.characters) for c in fed.train_clients) == 964
     assert sum(len(c.characters) for c in fed.unseen_clients) == 659
     assert len(fine.train_clients) + len(fine.unseen_clients) == 200
+    vinyals = om.omniglot_federation(omniglot_dir, split="vinyals")
+    assert sum(len(c.characters) for c in vinyals.train_clients) == 1200
+    assert len(vinyals.unseen_clients[0].characters) == 423 and vinyals.num_global_outputs == 4800
     task = fed.unseen_clients[0].sample_task(np.random.default_rng(0), ways=20, shots=1, queries=5)
     ink = float(task.support_x.mean())
     assert 0.03 < ink < 0.3, f"ink fraction {ink} is implausible for Omniglot (about 8% at 105x105)"
