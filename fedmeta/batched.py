@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from fedmeta.functional import SGD, InnerOptimizer
+from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, lr_of_step
 from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
@@ -226,28 +226,36 @@ def adapt_trajectory(
     y: Tensor,
     *,
     steps: int,
-    inner_lr: float | Params,
+    inner_lr: InnerLR,
     adapt_keys: set[str] | None = None,
     optimizer: InnerOptimizer = SGD,
+    overrides: StepOverrides | None = None,
+    first_order: bool = False,
 ) -> Iterator[Params]:
     """Per-task fast weights after 0..steps steps of gradient descent on each task's (x, y).
 
     `fast` holds per-task weights (T, ...); `inner_lr` is a float or shared per-parameter tensors (Meta-SGD),
     broadcast over tasks. The inner gradient is that of the summed task losses: each task's own gradient.
     Differentiable when called under an outer `torch.func.grad` (second order), plain tensors otherwise.
+    `overrides(s)` (shared tensors, expanded here) and `first_order` as in `fedmeta.functional`.
     """
     keys = [k for k in fast if adapt_keys is None or k in adapt_keys]
     state = optimizer.init(fast, keys)
+    num_tasks = x.shape[0]
     yield fast
     for step in range(steps):
         frozen = {k: v for k, v in fast.items() if k not in keys}
+        if overrides is not None:
+            frozen = {**frozen, **per_task(overrides(step), num_tasks)}
         xb, yb = optimizer.minibatch(x, y, step, dim=1)
 
         def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-            return task_losses(kind, batched_forward(model, {**frozen, **adapted}, xb), yb).sum()
+            return task_losses(kind, batched_forward(model, {**adapted, **frozen}, xb), yb).sum()
 
         grads = grad(loss_of)({k: fast[k] for k in keys})
-        fast, state = optimizer.step(fast, grads, inner_lr, state, step + 1)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
         yield fast
 
 
@@ -259,7 +267,7 @@ def adapt(
     y: Tensor,
     *,
     steps: int,
-    inner_lr: float | Params,
+    inner_lr: InnerLR,
     adapt_keys: set[str] | None = None,
     optimizer: InnerOptimizer = SGD,
 ) -> Params:

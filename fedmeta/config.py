@@ -327,6 +327,39 @@ class RobustConfig:
             _positive_float("robust.max_update_norm", self.max_update_norm)
 
 
+@dataclass(frozen=True)
+class MamlConfig:
+    """MAML++ (Antoniou et al. 2019, arXiv:1810.09502) as options of `maml`; all off is plain MAML.
+
+    The cosine-annealed outer learning rate is `outer.schedule = "cosine"`. MAML++'s epochs are rounds here.
+    """
+
+    # Multi-step loss: query losses after every step, weights annealed to the last step over these rounds.
+    multi_step_loss: bool = False
+    msl_anneal_rounds: int = 100
+    # Learned inner learning rates, one per parameter tensor and per step.
+    per_step_lr: bool = False
+    # Batch-norm weights and biases per inner step.
+    per_step_bn: bool = False
+    # Derivative-order annealing: first-order meta-gradients for this many rounds, then second order.
+    first_order_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("multi_step_loss", "per_step_lr", "per_step_bn"):
+            value = getattr(self, name)
+            _require(isinstance(value, bool), f"maml.{name} must be true or false, got {value!r}")
+        for name in ("msl_anneal_rounds", "first_order_rounds"):
+            value = getattr(self, name)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                f"maml.{name} must be a non-negative integer, got {value!r}",
+            )
+
+    @property
+    def enabled(self) -> bool:
+        return self != MamlConfig(msl_anneal_rounds=self.msl_anneal_rounds)
+
+
 DEVICES = ("cpu", "cuda", "auto")
 PRECISIONS = ("fp32", "bf16")
 
@@ -417,6 +450,7 @@ class RunConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     robust: RobustConfig = field(default_factory=RobustConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
+    maml: MamlConfig = field(default_factory=MamlConfig)
 
     def __post_init__(self) -> None:
         from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
@@ -426,6 +460,11 @@ class RunConfig:
             _require(
                 self.data.dataset != "sinusoid",
                 "protonet is a classification method; it cannot run on the sinusoid regression family",
+            )
+        if self.maml.enabled:
+            _require(
+                self.algorithm == "maml",
+                f"the maml.* options (MAML++) apply to algorithm 'maml', not {self.algorithm!r}",
             )
         if self.episode.training_queries == 0:
             _require(
@@ -471,6 +510,7 @@ class RunConfig:
             "secagg": SecAggConfig,
             "robust": RobustConfig,
             "compute": ComputeConfig,
+            "maml": MamlConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

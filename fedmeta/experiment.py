@@ -13,6 +13,7 @@ from typing import TypedDict
 import torch
 
 from fedmeta.algorithms import Algorithm, build_algorithm
+from fedmeta.algorithms.maml import MamlPlusPlus
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.functional import InnerOptimizer
 from fedmeta.models import build_model
@@ -289,7 +290,7 @@ class Experiment:
             queries=ep.training_queries,
             batch_size=self.config.eval.fedavg_batch,
         )
-        update = self.algorithm.client_update(params, tasks)
+        update = self.algorithm.at_round(round_index).client_update(params, tasks)
         p = self.config.privacy
         if self.is_baseline or not p.enabled:
             return update
@@ -345,6 +346,15 @@ def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs
     if name == "fedavg":
         return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1, **compute)
     inner = InnerOptimizer(config.inner.inner_optimizer, batch=config.inner.inner_batch)
+    if name == "maml":
+        m = config.maml
+        compute["plus"] = MamlPlusPlus(
+            multi_step_loss=m.multi_step_loss,
+            msl_anneal_rounds=m.msl_anneal_rounds,
+            per_step_lr=m.per_step_lr,
+            per_step_bn=m.per_step_bn,
+            first_order_rounds=m.first_order_rounds,
+        )
     return build_algorithm(
         name,
         model,

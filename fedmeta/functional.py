@@ -19,6 +19,16 @@ from torch.func import functional_call, grad
 from fedmeta.types import Params
 
 LossFn = Callable[[Tensor, Tensor], Tensor]  # (prediction, target) -> scalar
+# A learning rate for the inner loop: one number, one tensor per parameter (Meta-SGD), or either per step
+# (MAML++'s learned per-step rates): step index (0-based) -> rate.
+InnerLR = float | Params | Callable[[int], "float | Params"]
+# Parameters that replace the fast weights' entries in the forward pass of step s (MAML++'s per-step
+# batch-norm weights); they are not adapted.
+StepOverrides = Callable[[int], Params]
+
+
+def lr_of_step(inner_lr: InnerLR, step: int) -> float | Params:
+    return inner_lr(step) if callable(inner_lr) else inner_lr
 
 
 def loss_fn_for(kind: str) -> LossFn:
@@ -109,15 +119,21 @@ def adapt_trajectory(
     y: Tensor,
     *,
     steps: int,
-    inner_lr: float | Params,
+    inner_lr: InnerLR,
     adapt_keys: Collection[str] | None = None,
     optimizer: InnerOptimizer = SGD,
+    overrides: StepOverrides | None = None,
+    first_order: bool = False,
 ) -> Iterator[Params]:
     """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent on (x, y).
 
-    `inner_lr` is a float, or a per-parameter tensor dict keyed like `params` (Meta-SGD).
-    `adapt_keys` limits adaptation to those parameters (ANIL adapts only the head); the rest stay fixed.
-    `optimizer`: plain SGD on all of (x, y) by default; Adam and minibatches on request (`InnerOptimizer`).
+    `inner_lr` is a float, or a per-parameter tensor dict keyed like `params` (Meta-SGD), or a function of
+    the step giving either (MAML++'s per-step rates). `adapt_keys` limits adaptation to those parameters
+    (ANIL adapts only the head); the rest stay fixed. `optimizer`: plain SGD on all of (x, y) by default;
+    Adam and minibatches on request (`InnerOptimizer`). `overrides(s)` replaces entries in step s's forward
+    (they must then also be applied to any forward with the yielded weights). `first_order`: the inner
+    gradients are constants to an outer `grad` (MAML++'s derivative-order annealing); the update arithmetic,
+    and so the rates, stay differentiable.
     """
     keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
     fast = dict(params)
@@ -125,13 +141,17 @@ def adapt_trajectory(
     yield fast
     for step in range(steps):
         frozen = {k: v for k, v in fast.items() if k not in keys}
+        if overrides is not None:
+            frozen = {**frozen, **overrides(step)}
         xb, yb = optimizer.minibatch(x, y, step, dim=0)
 
         def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-            return task_loss(model, loss_fn, {**frozen, **adapted}, xb, yb)
+            return task_loss(model, loss_fn, {**adapted, **frozen}, xb, yb)
 
         grads = grad(loss_of)({k: fast[k] for k in keys})
-        fast, state = optimizer.step(fast, grads, inner_lr, state, step + 1)
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
         yield fast
 
 
@@ -143,7 +163,7 @@ def adapt(
     y: Tensor,
     *,
     steps: int,
-    inner_lr: float | Params,
+    inner_lr: InnerLR,
     adapt_keys: Collection[str] | None = None,
     optimizer: InnerOptimizer = SGD,
 ) -> Params:

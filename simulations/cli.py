@@ -78,6 +78,11 @@ OPTION_MAP = {
     "aggregator": "robust.aggregator",
     "trim_fraction": "robust.trim_fraction",
     "max_update_norm": "robust.max_update_norm",
+    "multi_step_loss": "maml.multi_step_loss",
+    "msl_anneal_rounds": "maml.msl_anneal_rounds",
+    "per_step_lr": "maml.per_step_lr",
+    "per_step_bn": "maml.per_step_bn",
+    "first_order_rounds": "maml.first_order_rounds",
     "device": "compute.device",
     "batched": "compute.batched",
     "task_chunk": "compute.task_chunk",
@@ -176,6 +181,12 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--trim-fraction", type=float, help="trimmed-mean: fraction dropped at each end per coordinate")
     p.add_argument("--max-update-norm", type=float, help="reject (and log) client updates with a larger L2 norm")
+    maml = p.add_argument_group("MAML++ (arXiv:1810.09502), options of --algorithm maml")
+    maml.add_argument("--multi-step-loss", action="store_true", default=None, help="MSL: loss after every step")
+    maml.add_argument("--msl-anneal-rounds", type=int, help="MSL: rounds until only the last step counts")
+    maml.add_argument("--per-step-lr", action="store_true", default=None, help="LSLR: learned per-layer per-step lrs")
+    maml.add_argument("--per-step-bn", action="store_true", default=None, help="BNWB: batch-norm weights per step")
+    maml.add_argument("--first-order-rounds", type=int, help="DA: first-order meta-gradients for N rounds")
     p.add_argument("--device", choices=DEVICES, help="where clients compute: cpu, cuda, or auto (default: cpu)")
     p.add_argument(
         "--task-loop",

@@ -62,6 +62,10 @@ class Algorithm(ABC):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         self.precision = precision
 
+    def at_round(self, round_index: int) -> Algorithm:
+        """This algorithm as it trains in round `round_index` (0-based); most do not depend on the round."""
+        return self
+
     # -- parameters -------------------------------------------------------------------------------------
     def init_params(self, generator: torch.Generator) -> Params:
         """Fresh meta-parameters (model weights, plus any learned extras such as Meta-SGD's rates)."""
