@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, vmap
 
-from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, lr_of_step
+from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, inner_loop
 from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
@@ -237,26 +237,23 @@ def adapt_trajectory(
     `fast` holds per-task weights (T, ...); `inner_lr` is a float or shared per-parameter tensors (Meta-SGD),
     broadcast over tasks. The inner gradient is that of the summed task losses: each task's own gradient.
     Differentiable when called under an outer `torch.func.grad` (second order), plain tensors otherwise.
-    `overrides(s)` (shared tensors, expanded here) and `first_order` as in `fedmeta.functional`.
+    `overrides(s)` (shared tensors, expanded here) and `first_order` as in `fedmeta.functional.inner_loop`.
     """
-    keys = [k for k in fast if adapt_keys is None or k in adapt_keys]
-    state = optimizer.init(fast, keys)
     num_tasks = x.shape[0]
-    yield fast
-    for step in range(steps):
-        frozen = {k: v for k, v in fast.items() if k not in keys}
-        if overrides is not None:
-            frozen = {**frozen, **per_task(overrides(step), num_tasks)}
-        xb, yb = optimizer.minibatch(x, y, step, dim=1)
-
-        def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-            return task_losses(kind, batched_forward(model, {**adapted, **frozen}, xb), yb).sum()
-
-        grads = grad(loss_of)({k: fast[k] for k in keys})
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
-        yield fast
+    return inner_loop(
+        lambda p, xb, yb: task_losses(kind, batched_forward(model, p, xb), yb).sum(),
+        fast,
+        x,
+        y,
+        steps=steps,
+        inner_lr=inner_lr,
+        adapt_keys=adapt_keys,
+        optimizer=optimizer,
+        overrides=overrides,
+        first_order=first_order,
+        example_dim=1,
+        expand=lambda shared: per_task(shared, num_tasks),
+    )
 
 
 def adapt(

@@ -111,6 +111,52 @@ def task_loss(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: T
     return loss_fn(forward(model, params, x), y)
 
 
+def inner_loop(
+    loss_of: Callable[[Params, Tensor, Tensor], Tensor],
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    inner_lr: InnerLR,
+    adapt_keys: Collection[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
+    overrides: StepOverrides | None = None,
+    first_order: bool = False,
+    example_dim: int = 0,
+    expand: Callable[[Params], Params] = lambda p: p,
+) -> Iterator[Params]:
+    """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent of `loss_of(params, x, y)`.
+
+    The one inner loop of both engines: `adapt_trajectory` below (one task) and `fedmeta.batched` (all tasks,
+    example axis 1, overrides expanded over tasks by `expand`). `inner_lr` is a float, a per-parameter tensor
+    dict keyed like `params` (Meta-SGD), or a function of the step giving either (MAML++'s per-step rates).
+    `adapt_keys` limits adaptation to those parameters (ANIL adapts only the head); the rest stay fixed.
+    `optimizer`: plain SGD on all of (x, y) by default; Adam and minibatches on request (`InnerOptimizer`).
+    `overrides(s)` replaces entries in step s's forward (they must then also be applied to any forward with
+    the yielded weights). `first_order`: the inner gradients are constants to an outer `grad` (MAML++'s
+    derivative-order annealing); the update arithmetic, and so the rates, stay differentiable.
+    """
+    keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
+    fast = dict(params)
+    state = optimizer.init(fast, keys)
+    yield fast
+    for step in range(steps):
+        frozen = {k: v for k, v in fast.items() if k not in keys}
+        if overrides is not None:
+            frozen = {**frozen, **expand(overrides(step))}
+        xb, yb = optimizer.minibatch(x, y, step, dim=example_dim)
+
+        def loss(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
+            return loss_of({**adapted, **frozen}, xb, yb)
+
+        grads = grad(loss)({k: fast[k] for k in keys})
+        if first_order:
+            grads = {k: g.detach() for k, g in grads.items()}
+        fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
+        yield fast
+
+
 def adapt_trajectory(
     model: nn.Module,
     loss_fn: LossFn,
@@ -125,34 +171,19 @@ def adapt_trajectory(
     overrides: StepOverrides | None = None,
     first_order: bool = False,
 ) -> Iterator[Params]:
-    """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent on (x, y).
-
-    `inner_lr` is a float, or a per-parameter tensor dict keyed like `params` (Meta-SGD), or a function of
-    the step giving either (MAML++'s per-step rates). `adapt_keys` limits adaptation to those parameters
-    (ANIL adapts only the head); the rest stay fixed. `optimizer`: plain SGD on all of (x, y) by default;
-    Adam and minibatches on request (`InnerOptimizer`). `overrides(s)` replaces entries in step s's forward
-    (they must then also be applied to any forward with the yielded weights). `first_order`: the inner
-    gradients are constants to an outer `grad` (MAML++'s derivative-order annealing); the update arithmetic,
-    and so the rates, stay differentiable.
-    """
-    keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
-    fast = dict(params)
-    state = optimizer.init(fast, keys)
-    yield fast
-    for step in range(steps):
-        frozen = {k: v for k, v in fast.items() if k not in keys}
-        if overrides is not None:
-            frozen = {**frozen, **overrides(step)}
-        xb, yb = optimizer.minibatch(x, y, step, dim=0)
-
-        def loss_of(adapted: Params, frozen: Params = frozen, xb: Tensor = xb, yb: Tensor = yb) -> Tensor:
-            return task_loss(model, loss_fn, {**adapted, **frozen}, xb, yb)
-
-        grads = grad(loss_of)({k: fast[k] for k in keys})
-        if first_order:
-            grads = {k: g.detach() for k, g in grads.items()}
-        fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
-        yield fast
+    """One task's fast weights after 0..steps steps on (x, y) (`inner_loop` with the model's loss)."""
+    return inner_loop(
+        lambda p, xb, yb: task_loss(model, loss_fn, p, xb, yb),
+        params,
+        x,
+        y,
+        steps=steps,
+        inner_lr=inner_lr,
+        adapt_keys=adapt_keys,
+        optimizer=optimizer,
+        overrides=overrides,
+        first_order=first_order,
+    )
 
 
 def adapt(
