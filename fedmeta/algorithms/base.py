@@ -18,7 +18,17 @@ from torch import Tensor, nn
 
 from fedmeta import batched
 from fedmeta.batched import TaskBatch
-from fedmeta.functional import SGD, InnerOptimizer, adapt_trajectory, forward, loss_fn_for, metric_for, tree_mean
+from fedmeta.functional import (
+    SGD,
+    InnerLR,
+    InnerOptimizer,
+    StepOverrides,
+    adapt_trajectory,
+    forward,
+    loss_fn_for,
+    metric_for,
+    tree_mean,
+)
 from fedmeta.models import init_params
 from fedmeta.types import ClientUpdate, Params, Task
 
@@ -88,14 +98,13 @@ class Algorithm(ABC):
         """
         if not tasks:
             raise ValueError("client_update needs at least one task")
+        device_params = self._to_device(params)
         if not self.batched:
-            device_params = self._to_device(params)
             results = [self.task_direction(device_params, self._task_to_device(task)) for task in tasks]
             directions, metrics = zip(*results, strict=True)
             mean_metrics = {k: float(sum(m[k] for m in metrics) / len(metrics)) for k in metrics[0]}
             direction = self._to_host(tree_mean(list(directions)), params)
             return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
-        device_params = self._to_device(params)
         total: Params = {}
         per_task: dict[str, list[Tensor]] = {}
         for chunk in self._chunks(tasks):
@@ -146,15 +155,21 @@ class Algorithm(ABC):
         """The entries of `params` that are model weights (all of them, unless the algorithm adds extras)."""
         return params
 
-    def adaptation_lr(self, params: Params) -> float | Params:
+    def adaptation_lr(self, params: Params) -> InnerLR:
         return self.inner_lr
 
     def adapt_keys(self, params: Params) -> set[str] | None:
         return None  # all parameters
 
-    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
-        """Query predictions after 0..steps adaptation steps on the support set."""
+    def step_overrides(self, params: Params) -> StepOverrides | None:
+        """Entries that replace the fast weights' in step s's forward (MAML++'s per-step batch norm); none here."""
+        return None
+
+    def _trajectory(self, params: Params, task: Task, steps: int, *, first_order: bool = False) -> Iterator[Params]:
+        """Fast weights after 0..steps inner steps on the support set, each with its step's overrides applied
+        (differentiable when called under an outer `grad`)."""
         weights = self.model_params(params)
+        overrides = self.step_overrides(params)
         trajectory = adapt_trajectory(
             self.model,
             self.loss_fn,
@@ -165,8 +180,15 @@ class Algorithm(ABC):
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
             optimizer=self.inner_optimizer,
+            overrides=overrides,
+            first_order=first_order,
         )
-        return [forward(self.model, fast, task.query_x).detach() for fast in trajectory]
+        for step, fast in enumerate(trajectory):
+            yield fast if overrides is None else {**fast, **overrides(step)}
+
+    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
+        """Query predictions after 0..steps adaptation steps on the support set."""
+        return [forward(self.model, fast, task.query_x).detach() for fast in self._trajectory(params, task, steps)]
 
     def evaluate_curve(self, params: Params, task: Task, steps: int) -> list[float]:
         """The query metric (accuracy or MSE) after 0..steps adaptation steps on the support set."""
@@ -194,10 +216,9 @@ class Algorithm(ABC):
 
         Batched like `client_update` (the per-task `evaluate_curve` with `batched=False`).
         """
-        if not self.batched:
-            device_params = self._to_device(params)
-            return np.array([self.evaluate_curve(device_params, self._task_to_device(t), steps) for t in tasks])
         device_params = self._to_device(params)
+        if not self.batched:
+            return np.array([self.evaluate_curve(device_params, self._task_to_device(t), steps) for t in tasks])
         curves = []
         for chunk in self._chunks(tasks):
             with self._precision():

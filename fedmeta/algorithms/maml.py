@@ -25,7 +25,7 @@ from torch.func import grad
 from fedmeta import batched
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.batched import TaskBatch
-from fedmeta.functional import InnerLR, StepOverrides, adapt, adapt_trajectory, forward
+from fedmeta.functional import InnerLR, StepOverrides, forward
 from fedmeta.models import init_params
 from fedmeta.types import Params, Task
 
@@ -137,41 +137,6 @@ class MAML(Algorithm):
         return self.round_index < self.plus.first_order_rounds
 
     # -- per-task reference ---------------------------------------------------------------------------------
-    def _trajectory(self, params: Params, task: Task, steps: int, *, first_order: bool = False) -> Iterator[Params]:
-        """Fast weights after 0..steps inner steps on the support set, each with its step's overrides applied."""
-        weights = self.model_params(params)
-        overrides = self.step_overrides(params)
-        trajectory = adapt_trajectory(
-            self.model,
-            self.loss_fn,
-            weights,
-            task.support_x,
-            task.support_y,
-            steps=steps,
-            inner_lr=self.adaptation_lr(params),
-            adapt_keys=self.adapt_keys(weights),
-            optimizer=self.inner_optimizer,
-            overrides=overrides,
-            first_order=first_order,
-        )
-        for step, fast in enumerate(trajectory):
-            yield fast if overrides is None else {**fast, **overrides(step)}
-
-    def _fast_weights(self, params: Params, task: Task) -> Params:
-        """The inner loop on the support set (differentiable when called under an outer `grad`)."""
-        weights = self.model_params(params)
-        return adapt(
-            self.model,
-            self.loss_fn,
-            weights,
-            task.support_x,
-            task.support_y,
-            steps=self.inner_steps,
-            inner_lr=self.adaptation_lr(params),
-            adapt_keys=self.adapt_keys(weights),
-            optimizer=self.inner_optimizer,
-        )
-
     def _query_loss(self, fast: Params, task: Task) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         logits = forward(self.model, fast, task.query_x)
         loss = self.loss_fn(logits, task.query_y)
@@ -180,7 +145,7 @@ class MAML(Algorithm):
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         if self.first_order:
             # By definition: adapt with no graph (plain tensors out), then differentiate at the adapted point.
-            fast = self._fast_weights(params, task)
+            *_, fast = self._trajectory(params, task, self.inner_steps)
             meta_grad, (loss, logits) = grad(self._query_loss, has_aux=True)(fast, task)
             return meta_grad, self._metrics(loss, logits, task.query_y)
         weights = self.plus.step_weights(self.inner_steps, self.round_index)
@@ -198,9 +163,6 @@ class MAML(Algorithm):
 
         meta_grad, (loss, logits) = grad(meta_loss, has_aux=True)(params)
         return meta_grad, self._metrics(loss, logits, task.query_y)
-
-    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
-        return [forward(self.model, fast, task.query_x).detach() for fast in self._trajectory(params, task, steps)]
 
     # -- batched ------------------------------------------------------------------------------------------
     def _batch_inner_loop(
@@ -257,22 +219,12 @@ class MAML(Algorithm):
         if self.first_order:
             # Adapt with no graph (plain tensors at top level), then each task's query gradient at its own
             # adapted weights: the gradient of the summed query losses with respect to the per-task weights.
-            weights = self.model_params(params)
-            fast = batched.adapt(
-                self.model,
-                self.kind,
-                batched.per_task(weights, len(batch)),
-                batch.support_x,
-                batch.support_y,
-                steps=self.inner_steps,
-                inner_lr=self.adaptation_lr(params),
-                adapt_keys=self.adapt_keys(weights),
-                optimizer=self.inner_optimizer,
-            )
+            model, trajectory, query_x = self._batch_inner_loop(params, batch, self.inner_steps)
+            *_, fast = trajectory
             fast = {k: v.detach() for k, v in fast.items()}
 
             def query_loss(f: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                logits = batched.batched_forward(self.model, f, batch.query_x)
+                logits = batched.batched_forward(model, f, query_x)
                 losses = batched.task_losses(self.kind, logits, batch.query_y)
                 return losses.sum(), (losses.detach(), logits.detach())
 
