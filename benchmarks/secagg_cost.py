@@ -27,7 +27,7 @@ from flwr.common.serde import message_to_proto  # noqa: E402
 from client.client_app import app as client_app  # noqa: E402
 from fedmeta.config import RunConfig  # noqa: E402
 from fedmeta.metrics import read_jsonl  # noqa: E402
-from server.strategy import MetaServer, ServerOptions  # noqa: E402
+from server.grid import ServerOptions, serve  # noqa: E402
 from tests.flower_fakes import InProcessGrid, set_task_identity  # noqa: E402
 
 
@@ -80,7 +80,7 @@ def measure(config: RunConfig, out: Path, partitions: int | None) -> dict[str, f
         federation = build_federation(config.data, seed=config.federation.seed)
         partitions = len(federation.train_clients) + len(federation.unseen_clients)
     grid = CountingGrid(client_app, num_partitions=partitions)
-    MetaServer(config, ServerOptions(out_dir=str(out))).start(grid)
+    serve(grid, config, ServerOptions(out_dir=str(out)))
     seconds = [r["seconds"] for r in read_jsonl(out / "metrics.jsonl") if r.get("phase") == "meta"]
     rounds = len(seconds)
     return {

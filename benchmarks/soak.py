@@ -21,9 +21,10 @@ import psutil
 import torch
 
 from fedmeta.config import RunConfig
-from fedmeta.experiment import Experiment
+from fedmeta.experiment import Outer, initial_params, meta_algorithm
+from fedmeta.inprocess import InProcess
+from fedmeta.loop import train
 from fedmeta.metrics import JsonlSink, read_jsonl
-from simulations.inprocess import train
 
 
 def main() -> None:
@@ -44,20 +45,25 @@ def main() -> None:
             "federation.tasks_per_client": args.tasks,
             "inner.inner_steps": args.steps,
             "eval.fedavg_rounds": 0,
+            "eval.curve_every": 1,  # the "curve" here is the process's memory, after every round
         }
     )
     run = Path(tempfile.mkdtemp(prefix="fm-soak-", dir="/tmp"))
     process = psutil.Process()
-    experiment = Experiment.from_config(config)
+    transport = InProcess(progress=False)
+    info = transport.connect(config)
+    start = Outer(config, info.num_train).initial_state(initial_params(meta_algorithm(config), 0))
     started = time.perf_counter()
     with JsonlSink(run / "metrics.jsonl") as sink:
         train(
-            experiment,
-            experiment.outer.initial_state(experiment.initial_params()),
+            config,
+            transport,
+            info,
+            start,
             sink=sink,
             label="meta",
             checkpoint=run / "checkpoint.pt",
-            on_round=lambda state: {"rss_mb": process.memory_info().rss / 2**20},
+            curve=lambda params: {"rss_mb": process.memory_info().rss / 2**20},
         )
     wall = time.perf_counter() - started
     rss = [r["rss_mb"] for r in read_jsonl(run / "metrics.jsonl")]

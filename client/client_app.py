@@ -20,14 +20,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from fedmeta import wire
-from fedmeta.config import RunConfig
+import wire
+from fedmeta.config import DataConfig, RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
 from fedmeta.round import check_update
 from fedmeta.runtime import tune_allocator
+from fedmeta.tasks import Federation, build_federation
 from fedmeta.types import ClientUpdate
-from server.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
+from wire.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
 
 log = logging.getLogger(__name__)
 tune_allocator()  # this process computes client parts: keep big temporaries mapped (fedmeta.runtime)
@@ -43,11 +44,17 @@ class ModelMismatch(ValueError):
     """The meta-parameters the server sent do not fit the model this client builds from the config."""
 
 
+@functools.lru_cache(maxsize=2)
+def _federation(data: DataConfig, seed: int) -> Federation:
+    # Cached per process because building a federation reads and decodes data (about a second for
+    # Omniglot), which would otherwise dominate every round; the meta-learning run and its FedAvg baseline
+    # share it.
+    return build_federation(data, seed=seed)
+
+
 @functools.lru_cache(maxsize=4)
 def _experiment(config: RunConfig) -> Experiment:
-    # Cached per process because building a federation reads and decodes data (about a second for
-    # Omniglot), which would otherwise dominate every round. The key is the whole frozen config.
-    return Experiment.from_config(config)
+    return Experiment.from_config(config, federation=_federation(config.data, config.federation.seed))
 
 
 def _setup(message: Message, context: Context, flat: dict[str, Any] | None = None) -> tuple[Experiment, str, int]:
@@ -91,6 +98,7 @@ def _client_record(experiment: Experiment, role: str, index: int) -> ConfigRecor
             wire.CLIENT_ID: clients[index].client_id,
             wire.NUM_TRAIN: len(fed.train_clients),
             wire.NUM_PARTITIONS: len(fed.train_clients) + len(fed.unseen_clients),
+            wire.NUM_GLOBAL_OUTPUTS: fed.num_global_outputs,
         }
     )
 
@@ -160,7 +168,8 @@ def evaluate(message: Message, context: Context) -> Message:
         }
     )
     clients = experiment.federation.train_clients if role == wire.ROLE_TRAIN else experiment.federation.unseen_clients
-    curves = client_curves(experiment.algorithm, models, clients[index], index, **experiment.eval_kwargs())
+    protocol = dict(message.content.config_records[wire.PROTOCOL])
+    curves = client_curves(experiment.algorithm, models, clients[index], index, **protocol)  # type: ignore[arg-type]
     metrics = MetricRecord(
         {
             wire.curve_key(name, step): curve[:, step].tolist()

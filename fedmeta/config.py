@@ -11,16 +11,33 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+# The registry's names (fedmeta.algorithms.ALGORITHMS, checked equal by a test), here without importing torch.
+ALGORITHM_NAMES = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
+BASELINE_NAMES = ("fedavg",)
 DATASETS = ("sinusoid", "omniglot")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 INNER_OPTIMIZERS = ("sgd", "adam")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
 OMNIGLOT_SPLITS = ("lake", "vinyals")
+PRIVACY_MODES = ("off", "central", "distributed", "local")
+AGGREGATORS = ("mean", "median", "trimmed-mean")
+DEVICES = ("cpu", "cuda", "auto")
+PRECISIONS = ("fp32", "bf16")
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range or inconsistent with another one."""
+
+
+def option(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its documentation: the one place its default, help text and choices are written.
+
+    `flag`: the `fedmeta simulate` option that sets it (`simulations.cli` builds the parser from these);
+    `choices`: the values it accepts, shown in the help. Flower's run-config keys are the dotted field names
+    (`RunConfig.to_flat`), checked against `pyproject.toml` by a test.
+    """
+    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 def _require(ok: bool, message: str) -> None:
@@ -46,21 +63,36 @@ def _positive_float(name: str, value: Any) -> None:
 class DataConfig:
     """Which task family, and how it is split into clients."""
 
-    dataset: str = "sinusoid"
-    # Only read for real datasets; `None` means $FEDMETA_DATA_DIR, then ./data.
-    data_dir: str | None = None
-    # Sinusoid: clients are drawn afresh, so the number of clients is free.
-    num_train_clients: int = 100
-    num_unseen_clients: int = 20
-    # Sinusoid: each client owns a window of this fraction of the amplitude and phase ranges (non-IID).
-    client_window: float = 0.3
-    # Omniglot: one client per alphabet, per (alphabet, group of drawers) for hundreds of clients, or
-    # ("character") the training characters dealt at random to `num_train_clients` clients (IID).
-    partition: str = "alphabet"
-    drawers_per_client: int = 5
-    # Omniglot: "lake" - background alphabets train, evaluation alphabets are unseen clients (federated);
-    # "vinyals" - the papers' character split: 1,200 characters train, 423 test characters are one unseen client.
-    split: str = "lake"
+    dataset: str = option(
+        "sinusoid", "task family: sinusoid (built in) or omniglot", flag="--dataset", choices=DATASETS
+    )
+    data_dir: str | None = option(
+        None, "benchmark data directory (unset: $FEDMETA_DATA_DIR, then ./data)", flag="--data-dir"
+    )
+    num_train_clients: int = option(
+        100, "training clients (sinusoid; omniglot --partition character)", flag="--num-train-clients"
+    )
+    num_unseen_clients: int = option(20, "unseen clients, evaluation only (sinusoid)", flag="--num-unseen-clients")
+    client_window: float = option(
+        0.3, "sinusoid: each client's window of the amplitude and phase ranges (non-IID), as a fraction"
+    )
+    partition: str = option(
+        "alphabet",
+        "omniglot clients: one per alphabet, per (alphabet, group of drawers), or the training characters dealt "
+        "at random to --num-train-clients clients (IID)",
+        flag="--partition",
+        choices=OMNIGLOT_PARTITIONS,
+    )
+    drawers_per_client: int = option(
+        5, "omniglot alphabet-drawer partition: drawers per client", flag="--drawers-per-client"
+    )
+    split: str = option(
+        "lake",
+        "omniglot: lake (background alphabets train, evaluation alphabets are unseen clients) or vinyals (the "
+        "papers' split: 1,200 training characters, the 423 test characters one unseen client)",
+        flag="--split",
+        choices=OMNIGLOT_SPLITS,
+    )
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
@@ -87,15 +119,21 @@ class DataConfig:
 class EpisodeConfig:
     """Shape of one task: N-way K-shot with Q queries per class (classification), or K-shot regression."""
 
-    ways: int = 5
-    shots: int = 10
-    queries: int = 10
-    # Shots of the training episodes, when they differ from evaluation's (Reptile trains 1-shot models on
-    # 10-shot tasks, arXiv:1803.02999 appendix A); None: `shots`.
-    train_shots: int | None = None
-    # Queries per class of the training episodes; None: `queries`. 0 only for Reptile, which trains on the
-    # support and query sets pooled (the paper's training tasks have no query set).
-    train_queries: int | None = None
+    ways: int = option(5, "classes per task (N-way)", flag="--ways")
+    shots: int = option(10, "support examples per class (K-shot; regression: support points)", flag="--shots")
+    queries: int = option(10, "query examples per class (regression: query points)", flag="--queries")
+    train_shots: int | None = option(
+        None,
+        "shots of the training episodes (unset: --shots); Reptile trains 1-shot models on 10-shot tasks "
+        "(arXiv:1803.02999 appendix A)",
+        flag="--train-shots",
+    )
+    train_queries: int | None = option(
+        None,
+        "queries of the training episodes (unset: --queries); 0 only for reptile, which trains on support and "
+        "query pooled",
+        flag="--train-queries",
+    )
 
     def __post_init__(self) -> None:
         _positive_int("ways", self.ways)
@@ -122,14 +160,18 @@ class EpisodeConfig:
 class InnerConfig:
     """The client's inner loop (task adaptation)."""
 
-    inner_steps: int = 5
-    inner_lr: float = 0.02
-    # Fine-tuning steps measured at evaluation time (accuracy/error after 0..eval_steps steps).
-    eval_steps: int = 10
-    # sgd, or adam with beta1 = 0 and fresh state per task (Reptile's inner loop, arXiv:1803.02999 sec. 6).
-    inner_optimizer: str = "sgd"
-    # Examples per inner step (0: all of them); strided minibatches, see fedmeta.functional.InnerOptimizer.
-    inner_batch: int = 0
+    inner_steps: int = option(5, "adaptation steps of the client's inner loop", flag="--inner-steps")
+    inner_lr: float = option(0.02, "inner-loop learning rate", flag="--inner-lr")
+    eval_steps: int = option(
+        10, "adaptation steps measured at evaluation (the metric after 0..N steps)", flag="--eval-steps"
+    )
+    inner_optimizer: str = option(
+        "sgd",
+        "sgd, or adam with beta1 0 and fresh state per task (Reptile, arXiv:1803.02999 sec. 6)",
+        flag="--inner-optimizer",
+        choices=INNER_OPTIMIZERS,
+    )
+    inner_batch: int = option(0, "examples per inner step, strided minibatches (0: all)", flag="--inner-batch")
 
     def __post_init__(self) -> None:
         _require(
@@ -155,15 +197,19 @@ class InnerConfig:
 class OuterConfig:
     """The server's outer optimizer, whose state persists across rounds."""
 
-    optimizer: str = "adam"
-    outer_lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    eps: float = 1e-8
-    # The outer learning rate over `federation.rounds` rounds: constant, or annealed from `outer_lr` to
-    # `final_lr` linearly (Reptile, arXiv:1803.02999 sec. 6) or along a half cosine (MAML++, arXiv:1810.09502).
-    schedule: str = "constant"
-    final_lr: float = 0.0
+    optimizer: str = option("adam", "the server's optimizer", flag="--outer-optimizer", choices=OPTIMIZERS)
+    outer_lr: float = option(0.01, "outer (server) learning rate", flag="--outer-lr")
+    beta1: float = option(0.9, "adam: first-moment decay")
+    beta2: float = option(0.999, "adam: second-moment decay")
+    eps: float = option(1e-8, "adam: epsilon")
+    schedule: str = option(
+        "constant",
+        "outer lr over the rounds: constant, or annealed to --final-outer-lr linearly (Reptile) or along a half "
+        "cosine (MAML++)",
+        flag="--outer-schedule",
+        choices=SCHEDULES,
+    )
+    final_lr: float = option(0.0, "the outer lr that linear and cosine schedules anneal to", flag="--final-outer-lr")
 
     def __post_init__(self) -> None:
         _require(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
@@ -182,15 +228,18 @@ class OuterConfig:
 class FederationConfig:
     """Rounds and client sampling."""
 
-    rounds: int = 200
-    # An integer count of clients per round; `client_fraction` overrides it when set.
-    clients_per_round: int = 10
-    client_fraction: float | None = None
-    tasks_per_client: int = 4
-    seed: int = 0
-    # Stop after the round that crosses this many minutes of training (the learning curve's scoring does not
-    # count); None: run all `rounds`. The outer schedule still spans `rounds`.
-    time_budget: float | None = None
+    rounds: int = option(200, "federated rounds (outer steps)", flag="--rounds")
+    clients_per_round: int = option(10, "clients sampled per round (at most all of them)", flag="--clients-per-round")
+    client_fraction: float | None = option(
+        None, "fraction of the training clients per round; overrides --clients-per-round", flag="--client-fraction"
+    )
+    tasks_per_client: int = option(4, "tasks each sampled client trains on per round", flag="--tasks-per-client")
+    seed: int = option(0, "run seed: clients, tasks and initial weights are functions of it", flag="--seed")
+    time_budget: float | None = option(
+        None,
+        "minutes: stop after the round that crosses this much training (the outer schedule still spans --rounds)",
+        flag="--time-budget",
+    )
 
     def __post_init__(self) -> None:
         _positive_int("rounds", self.rounds)
@@ -218,17 +267,18 @@ class FederationConfig:
 class EvalConfig:
     """Personalised evaluation on unseen clients and the FedAvg baseline it is compared with."""
 
-    eval_clients: int = 20
-    eval_tasks_per_client: int = 20
-    # FedAvg baseline: rounds and local SGD steps per client; 0 rounds skips the baseline.
-    fedavg_rounds: int | None = None  # None: as many rounds as the meta-learning run
-    fedavg_local_steps: int = 5
-    fedavg_lr: float = 0.02
-    fedavg_batch: int = 20
-    # Learning curve: every `curve_every` rounds, score the meta-model on `curve_tasks_per_client` tasks of
-    # each unseen client (after `inner_steps` steps) and log it; 0 turns the curve off.
-    curve_every: int = 0
-    curve_tasks_per_client: int = 2
+    eval_clients: int = option(20, "unseen clients evaluated", flag="--eval-clients")
+    eval_tasks_per_client: int = option(20, "tasks per unseen client at evaluation", flag="--eval-tasks")
+    fedavg_rounds: int | None = option(
+        None, "rounds of the FedAvg baseline (unset: as many as the run; 0 skips it)", flag="--fedavg-rounds"
+    )
+    fedavg_local_steps: int = option(5, "FedAvg baseline: local SGD steps per client and round")
+    fedavg_lr: float = option(0.02, "FedAvg baseline: local learning rate")
+    fedavg_batch: int = option(20, "FedAvg baseline: minibatch size")
+    curve_every: int = option(
+        0, "score the meta-model on unseen clients every N rounds (learning curve; 0: off)", flag="--curve-every"
+    )
+    curve_tasks_per_client: int = option(2, "learning curve: tasks per unseen client")
 
     def __post_init__(self) -> None:
         _positive_int("eval_clients", self.eval_clients)
@@ -248,9 +298,6 @@ class EvalConfig:
         _positive_int("fedavg_batch", self.fedavg_batch)
 
 
-PRIVACY_MODES = ("off", "central", "distributed", "local")
-
-
 @dataclass(frozen=True)
 class PrivacyConfig:
     """Client-level differential privacy of the meta-update (DP-FedAvg, McMahan et al. 2018, arXiv:1710.06963).
@@ -260,21 +307,28 @@ class PrivacyConfig:
     local: every client clips and adds the full N(0, (z C)^2) itself (untrusted server; far noisier).
     """
 
-    mode: str = "off"
-    clip_norm: float = 1.0
-    noise_multiplier: float = 1.0
-    # Adaptive clipping (Andrew et al. 2021, arXiv:1905.03871): move C towards the `target_quantile` of
-    # update norms, with a noised count (noise std = m / 20, the paper's choice) paid from the same budget.
-    adaptive_clipping: bool = False
-    target_quantile: float = 0.5
-    clip_lr: float = 0.2
-    # delta for the reported epsilon; None: 1 / N^1.1 for N training clients.
-    delta: float | None = None
-    # Refuse to start when the planned rounds would spend more than this epsilon.
-    target_epsilon: float | None = None
-    # Seed the noise from the run seed (reproducible, for research). Off by default: anyone who knows the
-    # seed could subtract such noise, so a private run draws it from the operating system's entropy.
-    reproducible_noise: bool = False
+    mode: str = option(
+        "off", "client-level differential privacy: where the noise is added", flag="--dp", choices=PRIVACY_MODES
+    )
+    clip_norm: float = option(1.0, "DP: L2 bound C of every client update", flag="--clip-norm")
+    noise_multiplier: float = option(1.0, "DP: the noise std on the sum is z * C", flag="--noise-multiplier")
+    adaptive_clipping: bool = option(
+        False,
+        "DP: move C towards a quantile of the update norms (Andrew et al. 2021, arXiv:1905.03871), with a noised "
+        "count (std m / 20) paid from the same budget",
+        flag="--adaptive-clipping",
+    )
+    target_quantile: float = option(0.5, "adaptive clipping: the quantile of update norms C tracks")
+    clip_lr: float = option(0.2, "adaptive clipping: the geometric step of C")
+    delta: float | None = option(None, "DP: delta of the reported epsilon (unset: 1/N^1.1)", flag="--delta")
+    target_epsilon: float | None = option(
+        None, "DP: refuse to start if the planned rounds would spend more", flag="--target-epsilon"
+    )
+    reproducible_noise: bool = option(
+        False,
+        "seed the DP noise from the run seed (research only: anyone who knows the seed could subtract it; off, "
+        "the noise comes from the operating system's entropy)",
+    )
 
     def __post_init__(self) -> None:
         _require(self.mode in PRIVACY_MODES, f"privacy mode must be one of {PRIVACY_MODES}, got {self.mode!r}")
@@ -307,15 +361,20 @@ class PrivacyConfig:
 class RobustConfig:
     """Defences of the meta-update against broken or malicious clients (applied by the server)."""
 
-    # mean: the task-weighted average. median / trimmed-mean: coordinate-wise, every client counting once.
-    aggregator: str = "mean"
-    trim_fraction: float = 0.1  # trimmed-mean: fraction of clients dropped at each end, per coordinate
-    # Reject (and log) any update whose L2 norm exceeds this; unset: no bound beyond finiteness.
-    max_update_norm: float | None = None
+    aggregator: str = option(
+        "mean",
+        "mean (task-weighted), or coordinate-wise median / trimmed-mean with every client counting once",
+        flag="--aggregator",
+        choices=AGGREGATORS,
+    )
+    trim_fraction: float = option(
+        0.1, "trimmed-mean: fraction of clients dropped at each end, per coordinate", flag="--trim-fraction"
+    )
+    max_update_norm: float | None = option(
+        None, "reject (and log) client updates with a larger L2 norm (unset: no bound)", flag="--max-update-norm"
+    )
 
     def __post_init__(self) -> None:
-        from fedmeta.robust import AGGREGATORS
-
         _require(
             self.aggregator in AGGREGATORS, f"robust.aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}"
         )
@@ -334,15 +393,17 @@ class MamlConfig:
     The cosine-annealed outer learning rate is `outer.schedule = "cosine"`. MAML++'s epochs are rounds here.
     """
 
-    # Multi-step loss: query losses after every step, weights annealed to the last step over these rounds.
-    multi_step_loss: bool = False
-    msl_anneal_rounds: int = 100
-    # Learned inner learning rates, one per parameter tensor and per step.
-    per_step_lr: bool = False
-    # Batch-norm weights and biases per inner step.
-    per_step_bn: bool = False
-    # Derivative-order annealing: first-order meta-gradients for this many rounds, then second order.
-    first_order_rounds: int = 0
+    multi_step_loss: bool = option(False, "MSL: the query losses after every step, weighted", flag="--multi-step-loss")
+    msl_anneal_rounds: int = option(
+        100, "MSL: rounds over which the weights anneal to the last step only", flag="--msl-anneal-rounds"
+    )
+    per_step_lr: bool = option(
+        False, "LSLR: learned inner learning rates per parameter tensor and step", flag="--per-step-lr"
+    )
+    per_step_bn: bool = option(False, "BNWB: batch-norm weights and biases per inner step", flag="--per-step-bn")
+    first_order_rounds: int = option(
+        0, "DA: first-order meta-gradients for this many rounds, then second order", flag="--first-order-rounds"
+    )
 
     def __post_init__(self) -> None:
         for name in ("multi_step_loss", "per_step_lr", "per_step_bn"):
@@ -360,10 +421,6 @@ class MamlConfig:
         return self != MamlConfig(msl_anneal_rounds=self.msl_anneal_rounds)
 
 
-DEVICES = ("cpu", "cuda", "auto")
-PRECISIONS = ("fp32", "bf16")
-
-
 @dataclass(frozen=True)
 class ComputeConfig:
     """Where and how a client computes its part. None of this changes the maths, only its speed and rounding.
@@ -372,14 +429,25 @@ class ComputeConfig:
     loop is the readable reference it is tested against.
     """
 
-    # cpu, cuda, or auto (cuda when this machine's torch sees a GPU, else cpu).
-    device: str = "cpu"
-    batched: bool = True
-    # At most this many tasks per vectorised call (bounds peak memory; the result is the same). 0: automatic,
-    # 8 on a CPU (measured fastest there, benchmarks/RESULTS.md) and all of a client's tasks on a GPU.
-    task_chunk: int = 0
-    # bf16: forward passes under bfloat16 autocast (parameters, gradients and the outer step stay fp32).
-    precision: str = "fp32"
+    device: str = option(
+        "cpu",
+        "where clients compute: cpu, cuda, or auto (cuda when torch sees a GPU)",
+        flag="--device",
+        choices=DEVICES,
+    )
+    batched: bool = option(
+        True,
+        "compute a client's tasks in one vectorised call; off (--task-loop): one by one, the reference path",
+        flag="--task-loop",
+    )
+    task_chunk: int = option(
+        0,
+        "at most N tasks per vectorised call, to bound memory (0: 8 on a CPU, all on a GPU)",
+        flag="--task-chunk",
+    )
+    precision: str = option(
+        "fp32", "bf16: forward passes under bfloat16 autocast", flag="--precision", choices=PRECISIONS
+    )
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, f"compute.device must be one of {DEVICES}, got {self.device!r}")
@@ -403,14 +471,17 @@ class SecAggConfig:
     simulation or a deployment); the in-process loop has no server to hide from and refuses it.
     """
 
-    enabled: bool = False
-    # Each client shares its keys with this fraction of the round's clients (1.0: all of them, plain SecAgg).
-    num_shares: float = 1.0
-    # Fraction of those shares needed to unmask; a client whose neighbours drop below it aborts the round.
-    reconstruction_threshold: float = 0.5
-    # Every coordinate is clipped to [-R, R] and quantised to `quantization_range` levels (step 2R/levels).
-    clipping_range: float = 8.0
-    quantization_range: int = 2**22
+    enabled: bool = option(
+        False,
+        "secure aggregation with Flower's SecAgg+: the server sees only the sum (ray engine / deployment)",
+        flag="--secagg",
+    )
+    num_shares: float = option(1.0, "each client shares its keys with this fraction of the round's clients")
+    reconstruction_threshold: float = option(0.5, "fraction of those shares needed to unmask")
+    clipping_range: float = option(
+        8.0, "SecAgg+: each coordinate is clipped to [-R, R]", flag="--secagg-clipping-range"
+    )
+    quantization_range: int = option(2**22, "SecAgg+: quantisation levels over [-R, R]")
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), f"secagg.enabled must be true or false, got {self.enabled!r}")
@@ -439,7 +510,7 @@ class RunConfig:
     The defaults are the main command's run (`simulations/presets/sinusoid-reptile.toml` spells them out).
     """
 
-    algorithm: str = "reptile"
+    algorithm: str = option("reptile", "the meta-learning algorithm", flag="--algorithm")
     data: DataConfig = field(default_factory=DataConfig)
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -453,9 +524,11 @@ class RunConfig:
     maml: MamlConfig = field(default_factory=MamlConfig)
 
     def __post_init__(self) -> None:
-        from fedmeta.algorithms import ALGORITHMS  # local import: algorithms import nothing from here
-
-        _require(self.algorithm in ALGORITHMS, f"algorithm must be one of {sorted(ALGORITHMS)}, got {self.algorithm!r}")
+        # A baseline (fedavg) is a run of its own beside a meta-learning run (fedmeta.experiment.fedavg_config).
+        _require(
+            self.algorithm in ALGORITHM_NAMES or self.algorithm in BASELINE_NAMES,
+            f"algorithm must be one of {sorted(ALGORITHM_NAMES)}, got {self.algorithm!r}",
+        )
         if self.algorithm == "protonet":
             _require(
                 self.data.dataset != "sinusoid",

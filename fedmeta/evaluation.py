@@ -146,6 +146,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"  privacy: {p['mode']} DP, epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
             f"{p['private_rounds']} rounds (noise multiplier {p['noise_multiplier']:g})"
+            + (f"; the FedAvg baseline's run spent epsilon {p['fedavg_epsilon']:.3g}" if "fedavg_epsilon" in p else "")
         )
     best = "higher" if metric == "accuracy" else "lower"
     lines.append(

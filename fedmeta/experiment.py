@@ -17,7 +17,7 @@ from fedmeta.algorithms.maml import MamlPlusPlus
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.functional import InnerOptimizer
 from fedmeta.models import build_model
-from fedmeta.privacy import ClientPrivacy, ServerPrivacy, epsilon_of_releases, noise_generator, update_noise_multiplier
+from fedmeta.privacy import ServerPrivacy, epsilon_of_releases, noise_generator, protect_update, update_noise_multiplier
 from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
 from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
@@ -206,117 +206,119 @@ class Outer:
 
 @dataclass(frozen=True)
 class Experiment:
+    """A run's config bound to its federation's data: everything a client needs to compute its part."""
+
     config: RunConfig
     federation: Federation
     algorithm: Algorithm
 
     @classmethod
-    def from_config(
-        cls, config: RunConfig, *, algorithm: str | None = None, federation: Federation | None = None
-    ) -> Experiment:
-        """Build (and check) everything; `algorithm="fedavg"` gives the FedAvg baseline on the same clients."""
+    def from_config(cls, config: RunConfig, *, federation: Federation | None = None) -> Experiment:
+        """Build and check everything; pass `federation` to reuse already loaded data (built from `config.data`)."""
         if federation is None:
             federation = build_federation(config.data, seed=config.federation.seed)
-            ep = config.episode
-            federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
-            federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
-            Outer(config, len(federation.train_clients)).check()
-        name = algorithm or config.algorithm
-        return cls(config, federation, _build_algorithm(config, name, federation.kind, federation.num_global_outputs))
-
-    @property
-    def is_baseline(self) -> bool:
-        return self.algorithm.name == "fedavg"
-
-    @property
-    def tasks_per_client(self) -> int:
-        return self.config.eval.fedavg_local_steps if self.is_baseline else self.config.federation.tasks_per_client
-
-    @property
-    def rounds(self) -> int:
-        if not self.is_baseline:
-            return self.config.federation.rounds
-        fedavg_rounds = self.config.eval.fedavg_rounds
-        return self.config.federation.rounds if fedavg_rounds is None else fedavg_rounds
+        ep = config.episode
+        federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
+        federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
+        Outer(config, len(federation.train_clients)).check()
+        return cls(config, federation, build_run_algorithm(config, federation.kind, federation.num_global_outputs))
 
     @property
     def outer(self) -> Outer:
-        if self.is_baseline:  # FedAvg: outer SGD at lr 1 on (params - local), no privacy
-            config = self.config.replace(
-                **{
-                    "outer.optimizer": "sgd",
-                    "outer.outer_lr": 1.0,
-                    "outer.schedule": "constant",
-                    "privacy.mode": "off",
-                    "privacy.target_epsilon": None,
-                    "privacy.adaptive_clipping": False,
-                }
-            )
-            return Outer(config, len(self.federation.train_clients))
         return Outer(self.config, len(self.federation.train_clients))
 
     def initial_params(self) -> Params:
         return initial_params(self.algorithm, self.config.federation.seed)
 
     def eval_kwargs(self) -> EvalProtocol:
-        """The evaluation protocol's numbers, for `fedmeta.evaluation` (the same on every transport)."""
-        cfg = self.config
-        return {
-            "seed": cfg.federation.seed,
-            "tasks_per_client": cfg.eval.eval_tasks_per_client,
-            "ways": cfg.episode.ways,
-            "shots": cfg.episode.shots,
-            "queries": cfg.episode.queries,
-            "steps": cfg.inner.eval_steps,
-        }
+        return eval_protocol(self.config)
 
     def client_update(self, params: Params, client_index: int, round_index: int) -> ClientUpdate:
-        """Training client `client_index`'s update in round `round_index` (0-based)."""
+        """Training client `client_index`'s update in round `round_index` (0-based), as it leaves the client."""
         clients = self.federation.train_clients
         if not 0 <= client_index < len(clients):
             raise IndexError(f"training client index {client_index} out of range 0..{len(clients) - 1}")
-        ep = self.config.episode
+        ep, fed = self.config.episode, self.config.federation
         # Tasks depend on (seed, stream, round, client) alone, so a client draws the same ones on every transport.
-        rng = task_rng(
-            self.config.federation.seed, "fedavg-data" if self.is_baseline else "meta-data", round_index, client_index
-        )
+        rng = task_rng(fed.seed, self.algorithm.data_stream, round_index, client_index)
         tasks = local_tasks(
             clients[client_index],
             rng,
             data_kind=self.algorithm.data_kind,
-            num_tasks=self.tasks_per_client,
+            num_tasks=fed.tasks_per_client,
             ways=ep.ways,
             shots=ep.training_shots,
             queries=ep.training_queries,
             batch_size=self.config.eval.fedavg_batch,
         )
         update = self.algorithm.at_round(round_index).client_update(params, tasks)
-        p = self.config.privacy
-        if self.is_baseline or not p.enabled:
-            return update
-        if p.mode == "central":
-            # Under secure aggregation the server cannot clip what it never sees: the client clips, the
-            # server adds the noise to the sum.
-            return ClientPrivacy(p.clip_norm, 0.0).privatize(update, None) if self.config.secagg.enabled else update
-        # Distributed: each of the m sampled clients adds 1/m of the noise variance; local: all of it.
-        share = self.outer.sampled if p.mode == "distributed" else 1
-        client_dp = ClientPrivacy(clip_norm=p.clip_norm, noise_std=p.noise_multiplier * p.clip_norm / share**0.5)
-        generator = noise_generator(
-            reproducible=p.reproducible_noise,
-            seed=self.config.federation.seed,
+        return protect_update(
+            update,
+            self.config.privacy,
+            secure_aggregation=self.config.secagg.enabled,
+            sampled=self.outer.sampled,
+            seed=fed.seed,
             round_index=round_index,
-            stream=client_index + 1,
+            client_index=client_index,
         )
-        return client_dp.privatize(update, generator)
+
+
+def eval_protocol(config: RunConfig) -> EvalProtocol:
+    """The final evaluation's numbers, for `fedmeta.evaluation` (the same on every transport)."""
+    return {
+        "seed": config.federation.seed,
+        "tasks_per_client": config.eval.eval_tasks_per_client,
+        "ways": config.episode.ways,
+        "shots": config.episode.shots,
+        "queries": config.episode.queries,
+        "steps": config.inner.eval_steps,
+    }
+
+
+def curve_protocol(config: RunConfig) -> EvalProtocol:
+    """The learning curve's: the final protocol on fewer, different tasks (seed + 1), scored at the training
+    number of inner steps."""
+    return {
+        **eval_protocol(config),
+        "seed": config.federation.seed + 1,
+        "tasks_per_client": config.eval.curve_tasks_per_client,
+        "steps": config.inner.inner_steps,
+    }
+
+
+def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
+    """The FedAvg baseline's run: `rounds` rounds of `eval.fedavg_local_steps` local SGD steps at
+    `eval.fedavg_lr` on minibatches of `eval.fedavg_batch`, outer SGD at lr 1 (so the server step is exactly
+    FedAvg's average), on the same clients with the same privacy protection as the meta-learning run."""
+    return config.replace(
+        **{
+            "algorithm": "fedavg",
+            "federation.rounds": rounds,
+            "federation.tasks_per_client": config.eval.fedavg_local_steps,
+            "federation.time_budget": None,
+            "inner.inner_lr": config.eval.fedavg_lr,
+            "inner.inner_steps": 1,
+            "inner.inner_optimizer": "sgd",
+            "inner.inner_batch": 0,
+            "episode.train_shots": None,
+            "episode.train_queries": None,
+            "outer.optimizer": "sgd",
+            "outer.outer_lr": 1.0,
+            "outer.schedule": "constant",
+            "eval.curve_every": 0,
+            **{f"maml.{k}": v for k, v in RunConfig().to_dict()["maml"].items()},
+        }
+    )
 
 
 def task_kind(dataset: str) -> str:
     return "regression" if dataset == "sinusoid" else "classification"
 
 
-def meta_algorithm(config: RunConfig) -> Algorithm:
-    """The configured algorithm without touching any data: what a server needs to hold meta-parameters."""
-    return _build_algorithm(config, config.algorithm, task_kind(config.data.dataset), num_global_outputs=None)
+def meta_algorithm(config: RunConfig, num_global_outputs: int | None = None) -> Algorithm:
+    """The configured algorithm without touching any data: what a server needs to hold its parameters
+    (FedAvg's global head needs the federation's label count)."""
+    return build_run_algorithm(config, task_kind(config.data.dataset), num_global_outputs)
 
 
 def initial_params(algorithm: Algorithm, seed: int) -> Params:
@@ -324,7 +326,9 @@ def initial_params(algorithm: Algorithm, seed: int) -> Params:
     return algorithm.init_params(torch.Generator().manual_seed(seed))
 
 
-def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs: int | None) -> Algorithm:
+def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | None) -> Algorithm:
+    """`config.algorithm` with its model, inner loop and compute settings."""
+    name = config.algorithm
     if kind == "regression":
         out: int | None = 1
     elif name == "protonet":
@@ -343,8 +347,6 @@ def _build_algorithm(config: RunConfig, name: str, kind: str, num_global_outputs
         "device": resolve_device(c.device),
         "precision": c.precision,
     }
-    if name == "fedavg":
-        return build_algorithm(name, model, kind=kind, inner_lr=config.eval.fedavg_lr, inner_steps=1, **compute)
     inner = InnerOptimizer(config.inner.inner_optimizer, batch=config.inner.inner_batch)
     if name == "maml":
         m = config.maml

@@ -13,8 +13,6 @@ import torch
 
 from fedmeta.types import Params
 
-AGGREGATORS = ("mean", "median", "trimmed-mean")
-
 
 def _sorted_stack(trees: list[Params], key: str) -> torch.Tensor:
     return torch.stack([t[key].double() for t in trees]).sort(dim=0).values

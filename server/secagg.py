@@ -30,7 +30,7 @@ from flwr.serverapp import Grid
 from fedmeta.config import SecAggConfig
 from fedmeta.round import SecureSum
 from fedmeta.types import Params
-from server.records import arrays_to_secure_mean
+from wire.records import arrays_to_secure_mean
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,6 @@
-"""The Flower ServerApp. `flwr run .` loads `app`; `fedmeta simulate --engine ray` builds one with
-`make_server_app(config, options)`. Both end in `MetaServer.start`.
+"""The Flower ServerApp, a thin adapter: `fedmeta.loop.run` over the Grid Flower hands it (`server.grid`).
+
+`flwr run .` loads `app`; `fedmeta simulate --engine ray` builds one with `make_server_app(config, options)`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedmeta.config import RunConfig
-from server.strategy import MetaServer, ServerOptions, parse_run_config
+from server.grid import ServerOptions, parse_run_config, serve
 
 app = ServerApp()
 
@@ -20,7 +21,7 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point under `flwr run`: the experiment comes from the run config ([tool.flwr.app.config])."""
     _ensure_logging()
     config, options = parse_run_config(dict(context.run_config))
-    MetaServer(config, options).start(grid)
+    serve(grid, config, options)
 
 
 def make_server_app(config: RunConfig, options: ServerOptions) -> ServerApp:
@@ -30,7 +31,7 @@ def make_server_app(config: RunConfig, options: ServerOptions) -> ServerApp:
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
         _ensure_logging()
-        MetaServer(config, options).start(grid)
+        serve(grid, config, options)
 
     return bound
 

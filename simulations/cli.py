@@ -1,12 +1,14 @@
-"""The `fedmeta` command: simulate, evaluate, download.
+"""The `fedmeta` command: simulate, evaluate, download, and the deployment commands.
 
-Options map one-to-one onto `RunConfig` fields (see `OPTION_MAP`); a TOML preset supplies a base config and
-command-line options override it. This is the one place where user input becomes a validated config.
+The run options are built from `RunConfig`'s fields (`fedmeta.config.option`: flag, help, default, choices),
+so a field and its option cannot drift apart; a TOML preset supplies a base config and command-line options
+override it. This is the one place where user input becomes a validated config.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import subprocess
@@ -17,77 +19,60 @@ from pathlib import Path
 from typing import Any
 
 from fedmeta.checkpoint import CheckpointError
-from fedmeta.config import (
-    DATASETS,
-    DEVICES,
-    INNER_OPTIMIZERS,
-    OMNIGLOT_PARTITIONS,
-    OMNIGLOT_SPLITS,
-    OPTIMIZERS,
-    PRECISIONS,
-    PRIVACY_MODES,
-    SCHEDULES,
-    ConfigError,
-    RunConfig,
-)
-from fedmeta.robust import AGGREGATORS
+from fedmeta.config import ALGORITHM_NAMES, DEVICES, ConfigError, RunConfig
 from fedmeta.tasks import DataError
 
-# option dest -> dotted RunConfig field
-OPTION_MAP = {
-    "algorithm": "algorithm",
-    "dataset": "data.dataset",
-    "data_dir": "data.data_dir",
-    "partition": "data.partition",
-    "split": "data.split",
-    "drawers_per_client": "data.drawers_per_client",
-    "num_train_clients": "data.num_train_clients",
-    "num_unseen_clients": "data.num_unseen_clients",
-    "ways": "episode.ways",
-    "shots": "episode.shots",
-    "queries": "episode.queries",
-    "inner_steps": "inner.inner_steps",
-    "inner_lr": "inner.inner_lr",
-    "eval_steps": "inner.eval_steps",
-    "inner_optimizer": "inner.inner_optimizer",
-    "inner_batch": "inner.inner_batch",
-    "train_shots": "episode.train_shots",
-    "train_queries": "episode.train_queries",
-    "outer_optimizer": "outer.optimizer",
-    "outer_lr": "outer.outer_lr",
-    "outer_schedule": "outer.schedule",
-    "final_outer_lr": "outer.final_lr",
-    "time_budget": "federation.time_budget",
-    "rounds": "federation.rounds",
-    "clients_per_round": "federation.clients_per_round",
-    "client_fraction": "federation.client_fraction",
-    "tasks_per_client": "federation.tasks_per_client",
-    "seed": "federation.seed",
-    "eval_clients": "eval.eval_clients",
-    "eval_tasks": "eval.eval_tasks_per_client",
-    "fedavg_rounds": "eval.fedavg_rounds",
-    "curve_every": "eval.curve_every",
-    "dp": "privacy.mode",
-    "clip_norm": "privacy.clip_norm",
-    "noise_multiplier": "privacy.noise_multiplier",
-    "adaptive_clipping": "privacy.adaptive_clipping",
-    "delta": "privacy.delta",
-    "target_epsilon": "privacy.target_epsilon",
-    "secagg": "secagg.enabled",
-    "secagg_clipping_range": "secagg.clipping_range",
-    "aggregator": "robust.aggregator",
-    "trim_fraction": "robust.trim_fraction",
-    "max_update_norm": "robust.max_update_norm",
-    "multi_step_loss": "maml.multi_step_loss",
-    "msl_anneal_rounds": "maml.msl_anneal_rounds",
-    "per_step_lr": "maml.per_step_lr",
-    "per_step_bn": "maml.per_step_bn",
-    "first_order_rounds": "maml.first_order_rounds",
-    "device": "compute.device",
-    "batched": "compute.batched",
-    "task_chunk": "compute.task_chunk",
-    "precision": "compute.precision",
-}
+# The `fedmeta evaluate` options that change the evaluation of a saved run.
+EVALUATE_KEYS = (
+    "data.data_dir",
+    "inner.eval_steps",
+    "eval.eval_clients",
+    "eval.eval_tasks_per_client",
+    "episode.ways",
+    "episode.shots",
+    "episode.queries",
+)
+TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def config_options() -> list[tuple[str, str, dataclasses.Field]]:
+    """(flag, dotted config key, field) for every RunConfig field that has a command-line flag, in the order
+    the dataclasses declare them: the parser, its help and its choices are built from these alone."""
+    options = []
+    defaults = RunConfig()
+    for outer in dataclasses.fields(RunConfig):
+        value = getattr(defaults, outer.name)
+        inner = (
+            [(f"{outer.name}.{f.name}", f) for f in dataclasses.fields(value)]
+            if dataclasses.is_dataclass(value)
+            else []
+        )
+        for key, f in inner or [(outer.name, outer)]:
+            if f.metadata.get("flag"):
+                options.append((f.metadata["flag"], key, f))
+    return options
+
+
+def _add_config_option(
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, key: str, f: dataclasses.Field
+) -> None:
+    kind = TYPES[str(f.type).split("|")[0].strip()]
+    choices = ALGORITHM_NAMES if key == "algorithm" else f.metadata.get("choices")
+    shown = "" if f.default is None else f" (default: {f.default})"  # an unset default is explained in the help
+    if kind is bool:  # a flag turns the default around: --secagg turns on, --task-loop turns batching off
+        parser.add_argument(
+            flag, dest=key, action="store_false" if f.default else "store_true", default=None, help=f.metadata["help"]
+        )
+        return
+    parser.add_argument(
+        flag,
+        dest=key,
+        type=kind,
+        choices=choices,
+        default=None,
+        metavar=None if choices else flag.removeprefix("--").replace("-", "_").upper(),
+        help=f.metadata["help"] + shown,
+    )
 
 
 def load_preset(name_or_path: str) -> dict[str, Any]:
@@ -113,94 +98,15 @@ def load_preset(name_or_path: str) -> dict[str, Any]:
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     base = RunConfig.from_dict(load_preset(args.preset))
-    overrides = {
-        field: getattr(args, dest) for dest, field in OPTION_MAP.items() if getattr(args, dest, None) is not None
-    }
+    overrides = {key: getattr(args, key) for _, key, _ in config_options() if getattr(args, key, None) is not None}
     return base.replace(**overrides)
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="sinusoid-reptile", help="TOML preset, by name or path (default: %(default)s)")
-    p.add_argument("--algorithm", choices=["maml", "fomaml", "reptile", "metasgd", "anil", "protonet"])
-    p.add_argument("--dataset", choices=DATASETS)
-    p.add_argument("--data-dir", help="benchmark data directory (default: $FEDMETA_DATA_DIR, then ./data)")
-    p.add_argument(
-        "--partition",
-        choices=OMNIGLOT_PARTITIONS,
-        help="Omniglot clients: per alphabet, alphabet x drawers, or character (IID, --num-train-clients of them)",
-    )
-    p.add_argument("--drawers-per-client", type=int)
-    p.add_argument(
-        "--split",
-        choices=OMNIGLOT_SPLITS,
-        help="Omniglot: lake (unseen alphabets, the default) or vinyals (the papers' character split)",
-    )
-    p.add_argument("--num-train-clients", type=int, help="sinusoid: number of training clients")
-    p.add_argument("--num-unseen-clients", type=int, help="sinusoid: number of unseen clients")
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--queries", type=int, help="query examples per class (regression: query points)")
-    p.add_argument("--inner-steps", type=int)
-    p.add_argument("--inner-lr", type=float)
-    p.add_argument("--eval-steps", type=int, help="adaptation steps measured at evaluation")
-    p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, help="sgd, or adam (beta1 0, per task: Reptile)")
-    p.add_argument("--inner-batch", type=int, help="examples per inner step (0: all)")
-    p.add_argument("--train-shots", type=int, help="shots of training episodes (default: --shots)")
-    p.add_argument("--train-queries", type=int, help="queries of training episodes (default: --queries)")
-    p.add_argument("--outer-optimizer", choices=OPTIMIZERS)
-    p.add_argument("--outer-lr", type=float)
-    p.add_argument("--outer-schedule", choices=SCHEDULES, help="outer lr over the rounds: constant, linear, cosine")
-    p.add_argument("--final-outer-lr", type=float, help="the outer lr that linear/cosine anneal to (default 0)")
-    p.add_argument(
-        "--time-budget", type=float, metavar="MINUTES", help="stop after the round that crosses this much training"
-    )
-    p.add_argument("--rounds", type=int)
-    p.add_argument("--clients-per-round", type=int)
-    p.add_argument("--client-fraction", type=float, help="overrides --clients-per-round")
-    p.add_argument("--tasks-per-client", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--eval-clients", type=int)
-    p.add_argument("--eval-tasks", type=int, help="tasks per unseen client at evaluation")
-    p.add_argument("--fedavg-rounds", type=int, help="rounds of the FedAvg baseline (0 skips it)")
-    p.add_argument("--curve-every", type=int, help="score unseen clients every N rounds (learning curve)")
-    p.add_argument("--dp", choices=PRIVACY_MODES, help="client-level differential privacy: where the noise is added")
-    p.add_argument("--clip-norm", type=float, help="DP: L2 bound C of every client update")
-    p.add_argument("--noise-multiplier", type=float, help="DP: noise std on the sum is z * C (default 1.0)")
-    p.add_argument("--adaptive-clipping", action="store_true", default=None, help="DP: adapt C to the median norm")
-    p.add_argument("--delta", type=float, help="DP: delta of the reported epsilon (default 1/N^1.1)")
-    p.add_argument("--target-epsilon", type=float, help="DP: refuse to start if the run would spend more")
-    p.add_argument(
-        "--secagg",
-        action="store_true",
-        default=None,
-        help="secure aggregation with Flower's SecAgg+: the server sees only the sum (ray engine / deployment)",
-    )
-    p.add_argument("--secagg-clipping-range", type=float, help="SecAgg+: each coordinate is clipped to [-R, R]")
-    p.add_argument(
-        "--aggregator", choices=AGGREGATORS, help="robust aggregation against malicious clients (default: mean)"
-    )
-    p.add_argument("--trim-fraction", type=float, help="trimmed-mean: fraction dropped at each end per coordinate")
-    p.add_argument("--max-update-norm", type=float, help="reject (and log) client updates with a larger L2 norm")
     maml = p.add_argument_group("MAML++ (arXiv:1810.09502), options of --algorithm maml")
-    maml.add_argument("--multi-step-loss", action="store_true", default=None, help="MSL: loss after every step")
-    maml.add_argument("--msl-anneal-rounds", type=int, help="MSL: rounds until only the last step counts")
-    maml.add_argument("--per-step-lr", action="store_true", default=None, help="LSLR: learned per-layer per-step lrs")
-    maml.add_argument("--per-step-bn", action="store_true", default=None, help="BNWB: batch-norm weights per step")
-    maml.add_argument("--first-order-rounds", type=int, help="DA: first-order meta-gradients for N rounds")
-    p.add_argument("--device", choices=DEVICES, help="where clients compute: cpu, cuda, or auto (default: cpu)")
-    p.add_argument(
-        "--task-loop",
-        dest="batched",
-        action="store_false",
-        default=None,
-        help="compute each client's tasks one by one (the reference path) instead of in one vectorised call",
-    )
-    p.add_argument(
-        "--task-chunk",
-        type=int,
-        help="at most N tasks per vectorised call, to bound memory (default 0: 8 on a CPU, all on a GPU)",
-    )
-    p.add_argument("--precision", choices=PRECISIONS, help="bf16: forward passes under bfloat16 autocast")
+    for flag, key, f in config_options():
+        _add_config_option(maml if key.startswith("maml.") else p, flag, key, f)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="local",
         help="local: in-process loop; ray: Flower's simulation engine, one virtual SuperNode per client",
     )
-    sim.add_argument("--num-clients", type=int, help="sinusoid: training clients (alias of --num-train-clients)")
+    sim.add_argument(
+        "--num-clients", dest="data.num_train_clients", type=int, metavar="N", help="alias of --num-train-clients"
+    )
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="ray engine: CPUs per virtual client")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="ray engine: GPU fraction per virtual client")
     sim.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
@@ -226,13 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="personalised evaluation of a checkpoint on unseen clients")
     ev.add_argument("checkpoint")
     ev.add_argument("--out", help="where summary.json goes (default: beside the checkpoint)")
-    ev.add_argument("--data-dir")
-    ev.add_argument("--eval-steps", type=int)
-    ev.add_argument("--eval-clients", type=int)
-    ev.add_argument("--eval-tasks", type=int)
-    ev.add_argument("--ways", type=int, help="evaluate on other episodes than trained on (ProtoNet: any ways)")
-    ev.add_argument("--shots", type=int)
-    ev.add_argument("--queries", type=int)
+    for flag, key, f in config_options():
+        if key in EVALUATE_KEYS:  # the saved run's value unless given (ProtoNet evaluates at any --ways)
+            _add_config_option(ev, flag, key, f)
     ev.add_argument("--no-progress", action="store_true")
 
     srv = sub.add_parser("server", help="start a Flower SuperLink for a real deployment (runs in the foreground)")
@@ -379,8 +283,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("server", "client", "run", "register", "certs"):
             return _deploy(args)
         if args.command == "simulate":
-            if args.num_clients is not None:
-                args.num_train_clients = args.num_clients
             config = config_from_args(args)
             if args.engine == "ray":
                 from simulations.flower_sim import simulate_flower
@@ -401,11 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"checkpoint: {Path(args.out) / 'checkpoint.pt'}"
             )
         elif args.command == "evaluate":
-            overrides = {
-                OPTION_MAP[d]: getattr(args, d)
-                for d in ("data_dir", "eval_steps", "eval_clients", "eval_tasks", "ways", "shots", "queries")
-                if getattr(args, d) is not None
-            }
+            overrides = {key: getattr(args, key) for key in EVALUATE_KEYS if getattr(args, key) is not None}
             summary = evaluate_checkpoint(args.checkpoint, args.out, progress=not args.no_progress, overrides=overrides)
             print(format_summary(summary))
         elif args.command == "download":

@@ -8,6 +8,7 @@ is needed to deploy by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -20,6 +21,31 @@ from pathlib import Path
 import tomli_w
 
 APP_DIR = Path(__file__).resolve().parents[1]  # the repository root: pyproject.toml with [tool.flwr.app]
+
+
+APP_PRESET = "sinusoid-loopback"  # the experiment of the app config
+
+
+def app_config() -> dict[str, object]:
+    """What `[tool.flwr.app.config]` in pyproject.toml must hold, derived from the dataclasses alone: every
+    RunConfig key (Flower refuses `--run-config` keys the app config lacks) with `APP_PRESET`'s values over the
+    defaults, and every `server.*` option with its default; "" for an unset optional value (TOML has no null)."""
+    from fedmeta.config import RunConfig
+    from server.grid import SERVER_PREFIX, ServerOptions
+    from simulations.cli import load_preset
+
+    config = RunConfig.from_dict(load_preset(APP_PRESET))
+    flat: dict[str, object] = {"algorithm": config.algorithm}
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            flat.update({f"{section}.{k}": "" if v is None else v for k, v in values.items()})
+    flat.update({SERVER_PREFIX + k: v for k, v in dataclasses.asdict(ServerOptions()).items()})
+    return flat
+
+
+def app_config_toml() -> str:
+    """The app config table as TOML, to paste into pyproject.toml (`python -m simulations.deploy`)."""
+    return "[tool.flwr.app.config]\n" + tomli_w.dumps(app_config())
 
 
 def flower_env() -> dict[str, str]:
@@ -201,3 +227,7 @@ def submit_and_wait(connection: str, run_config: list[str], *, timeout: float = 
 
 def show(command: list[str]) -> str:
     return " ".join(shlex.quote(part) for part in command)
+
+
+if __name__ == "__main__":
+    print(app_config_toml(), end="")

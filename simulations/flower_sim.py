@@ -23,7 +23,6 @@ def simulate_flower(
     *,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
-    round_timeout: float = 600.0,
     resume: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
@@ -37,8 +36,8 @@ def simulate_flower(
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
+    from server.grid import ServerOptions
     from server.server_app import make_server_app
-    from server.strategy import ServerOptions
 
     # Build (and check) the federation here, so a bad config fails before Ray starts.
     federation = Experiment.from_config(config).federation
@@ -46,7 +45,7 @@ def simulate_flower(
     if not verbose:  # one line per round from fedmeta; Flower's and Ray's internals only when they warn
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    options = ServerOptions(out_dir=str(out_dir), round_timeout=round_timeout, resume=resume)
+    options = ServerOptions(out_dir=str(out_dir), resume=resume)
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "init_args": {

@@ -7,7 +7,10 @@ misbehave on purpose. Real transports are covered by tests/integration (Ray) and
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -15,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmeta.config import RunConfig
+from fedmeta.metrics import read_jsonl
 
 Handler = Callable[[Message, Context], Message]
 
@@ -34,6 +38,49 @@ SMALL = {
 
 def small(**overrides: object) -> RunConfig:
     return RunConfig().replace(**{**SMALL, **overrides})
+
+
+WALL_CLOCK = ("seconds", "elapsed")
+
+
+def assert_same_results(results: dict[str, Any], reference: dict[str, Any], *, rel: float = 1e-12) -> None:
+    """Two summaries' `results` (every model, every k-step figure) agree, floats within `rel`."""
+
+    def walk(a: object, b: object, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            assert a.keys() == b.keys(), where
+            for key in a:
+                walk(a[key], b[key], f"{where}.{key}")
+        elif isinstance(a, list) and isinstance(b, list):
+            assert len(a) == len(b), where
+            for i, (x, y) in enumerate(zip(a, b, strict=True)):
+                walk(x, y, f"{where}[{i}]")
+        elif isinstance(a, float) and isinstance(b, float):
+            assert math.isclose(a, b, rel_tol=rel, abs_tol=1e-15), (where, a, b)
+        else:
+            assert a == b, (where, a, b)
+
+    walk(results, reference, "results")
+
+
+def meta_rows(path: Path) -> list[dict[str, Any]]:
+    """The meta-learning rounds of a run's metrics.jsonl (without the baseline's rounds and the final row)."""
+    return [row for row in read_jsonl(path) if row["phase"] == "meta"]
+
+
+def assert_same_rows(rows: list[dict[str, Any]], reference: list[dict[str, Any]], *, rel: float = 1e-12) -> None:
+    """Two runs' metrics.jsonl rows are the same: same keys, same values, floats within `rel` (a norm over an
+    array decoded from a message may sum in another order), wall-clock fields left out."""
+    assert len(rows) == len(reference)
+    for row, ref in zip(rows, reference, strict=True):
+        assert row.keys() == ref.keys()
+        for key, value in row.items():
+            if key in WALL_CLOCK:
+                continue
+            if isinstance(value, float):
+                assert math.isclose(value, ref[key], rel_tol=rel), (key, value, ref[key])
+            else:
+                assert value == ref[key], (key, value, ref[key])
 
 
 class InProcessGrid(Grid):

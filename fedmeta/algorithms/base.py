@@ -43,6 +43,8 @@ class Algorithm(ABC):
     name: ClassVar[str]
     # "episodes": the client's local data arrives as few-shot tasks; "batches": as plain minibatches (FedAvg).
     data_kind: ClassVar[str] = "episodes"
+    # The random stream a client's local data is drawn from (`fedmeta.tasks.task_rng`).
+    data_stream: ClassVar[str] = "meta-data"
 
     def __init__(
         self,

@@ -66,6 +66,7 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     data_kind = "batches"
+    data_stream = "fedavg-data"
 
     def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
         """Sequential by definition (each step starts where the last ended), so there is nothing to batch."""

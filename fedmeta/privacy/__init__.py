@@ -3,6 +3,7 @@ epsilon from Google's `dp-accounting` (never a hand-rolled formula)."""
 
 from fedmeta.privacy.accountant import epsilon_of_releases, epsilon_spent, update_noise_multiplier
 from fedmeta.privacy.mechanism import ClientPrivacy, ServerPrivacy, clip_to_norm, global_norm, noise_generator
+from fedmeta.privacy.placement import protect_update
 
 __all__ = [
     "ClientPrivacy",
@@ -12,5 +13,6 @@ __all__ = [
     "epsilon_spent",
     "global_norm",
     "noise_generator",
+    "protect_update",
     "update_noise_multiplier",
 ]

@@ -6,6 +6,7 @@ The deployed run must give the very same meta-parameters as the in-process loop 
 
 from __future__ import annotations
 
+import json
 import subprocess
 import tomllib
 from collections.abc import Iterator
@@ -16,8 +17,10 @@ import torch
 
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import RunConfig
-from server.strategy import parse_run_config
+from fedmeta.metrics import read_jsonl
+from server.grid import parse_run_config
 from simulations.inprocess import simulate
+from tests.flower_fakes import assert_same_results, assert_same_rows
 from tests.processes import FEDMETA, LocalDeployment, private_homes
 
 pytestmark = pytest.mark.deployment
@@ -69,24 +72,30 @@ def local_equivalent(overrides: list[str], out: Path) -> RunConfig:
         key, _, value = item.partition("=")
         flat[key] = tomllib.loads(f"value = {value}")["value"]  # what Flower's run-config parser does
     config, _ = parse_run_config({k: v for k, v in flat.items() if not k.startswith("server.")})
-    simulate(config.replace(**{"eval.fedavg_rounds": 0}), out, progress=False)
+    simulate(config, out, progress=False)
     return config
 
 
 @pytest.mark.parametrize("algorithm", ["reptile"])  # MAML bit-identity over Flower: tests/integration (Ray)
 def test_deployed_run_completes_and_equals_the_in_process_loop(deployment, tmp_path: Path, algorithm: str) -> None:
-    overrides = [f'algorithm="{algorithm}"', f'server.out_dir="{tmp_path / "deployed"}"']
+    # The whole run as in-process: the FedAvg baseline (as many rounds as the run) and the learning curve.
+    experiment = [f'algorithm="{algorithm}"', "eval.curve_every=2"]
 
-    result = fedmeta_run(deployment, overrides)
+    result = fedmeta_run(deployment, [*experiment, f'server.out_dir="{tmp_path / "deployed"}"'])
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "finished:completed" in result.stdout
-    local_equivalent([f'algorithm="{algorithm}"'], tmp_path / "local")
+    local_equivalent(experiment, tmp_path / "local")
     deployed = load_checkpoint(tmp_path / "deployed" / "checkpoint.pt")[1]
     local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
     assert deployed.round == 3
     assert all(torch.equal(deployed.params[k], local.params[k]) for k in local.params)
-    assert (tmp_path / "deployed" / "summary.json").is_file()
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("deployed", "local")]
+    assert summaries[0]["results"].keys() == {"meta", "random_init", "fedavg"}
+    assert_same_results(summaries[0]["results"], summaries[1]["results"])
+    rows = read_jsonl(tmp_path / "deployed" / "metrics.jsonl")
+    assert [r["round"] for r in rows if "unseen_mse" in r] == [2, 3]
+    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"))
 
 
 def test_a_failed_run_is_reported_as_failed(deployment, tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Flower's Ray simulation engine against the in-process loop: same seed, same meta-parameters, bit for bit.
+"""Flower's Ray simulation engine against the in-process loop: same seed, same meta-parameters, bit for bit, and
+the same summary (FedAvg baseline included) and learning-curve rows.
 
 Why exact equality holds: every client derives its tasks from (seed, round, client index), the server sorts
 replies by client id before averaging, and parameters travel as raw float32 bytes (no quantisation). One
@@ -9,6 +10,7 @@ the in-process reference runs with 1 thread too.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -16,7 +18,9 @@ import pytest
 import torch
 
 from fedmeta.checkpoint import load_checkpoint
+from fedmeta.metrics import read_jsonl
 from simulations.cli import main
+from tests.flower_fakes import assert_same_results, assert_same_rows
 from tests.processes import private_homes
 
 pytestmark = pytest.mark.ray
@@ -41,10 +45,10 @@ ARGS = [
     "3",
     "--eval-steps",
     "2",
-    "--fedavg-rounds",
-    "0",
     "--no-progress",
 ]
+# The whole run: the FedAvg baseline (2 rounds) and the unseen-client learning curve (every 2 rounds) included.
+FULL = [*ARGS, "--fedavg-rounds", "2", "--curve-every", "2"]
 
 
 def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -52,13 +56,13 @@ def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: 
         for key in ("FLWR_HOME", "RAY_TMPDIR", "FLWR_TELEMETRY_ENABLED"):
             monkeypatch.setitem(os.environ, key, env[key])
         assert (
-            main(["simulate", "--engine", "ray", "--cpus-per-client", "1", *ARGS, "--out", str(tmp_path / "ray")]) == 0
+            main(["simulate", "--engine", "ray", "--cpus-per-client", "1", *FULL, "--out", str(tmp_path / "ray")]) == 0
         )
     ray_printed = capsys.readouterr().out
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["simulate", "--engine", "local", *ARGS, "--out", str(tmp_path / "local")]) == 0
+        assert main(["simulate", "--engine", "local", *FULL, "--out", str(tmp_path / "local")]) == 0
     finally:
         torch.set_num_threads(threads)
     local_printed = capsys.readouterr().out
@@ -67,8 +71,14 @@ def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: 
     local_state = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
     assert ray_state.round == local_state.round == 3
     assert all(torch.equal(ray_state.params[k], local_state.params[k]) for k in local_state.params)
-    table = [line for line in ray_printed.splitlines() if line.strip().startswith(("meta", "random_init"))]
-    assert len(table) == 2 and all(line in local_printed for line in table)  # the same personalised result
+    table = [line for line in ray_printed.splitlines() if line.strip().startswith(("meta", "random_init", "fedavg"))]
+    assert len(table) == 3 and all(line in local_printed for line in table)  # the same personalised result
+    ray_summary, local_summary = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ray", "local"))
+    assert ray_summary["results"].keys() == {"meta", "random_init", "fedavg"}
+    assert_same_results(ray_summary["results"], local_summary["results"])
+    rows = read_jsonl(tmp_path / "ray" / "metrics.jsonl")
+    assert [r["round"] for r in rows if "unseen_accuracy" in r or "unseen_mse" in r] == [2, 3]
+    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"))
 
 
 def test_ray_simulation_with_secagg_matches_the_plain_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

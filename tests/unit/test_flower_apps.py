@@ -12,17 +12,24 @@ import torch
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.config import get_fused_config_from_dir
 
+import wire
 from client.client_app import app as client_app
-from fedmeta import wire
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.experiment import Experiment
 from fedmeta.metrics import read_jsonl
 from fedmeta.types import ClientUpdate
-from server.records import content_to_update, get_int, params_to_record, record_to_params, update_to_content
-from server.strategy import MetaServer, ServerOptions, parse_run_config
+from server.grid import ServerOptions, parse_run_config, serve
 from simulations.inprocess import simulate
-from tests.flower_fakes import InProcessGrid, restore_task_identity, set_task_identity, small
+from tests.flower_fakes import (
+    InProcessGrid,
+    assert_same_rows,
+    meta_rows,
+    restore_task_identity,
+    set_task_identity,
+    small,
+)
+from wire.records import content_to_update, get_int, params_to_record, record_to_params, update_to_content
 
 
 @pytest.fixture(autouse=True)
@@ -130,20 +137,26 @@ def test_client_app_reports_missing_data(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("algorithm", ["reptile", "maml"])
 def test_server_loop_over_a_grid_equals_the_in_process_loop(tmp_path: Path, algorithm: str) -> None:
-    config = small(algorithm=algorithm)
+    # The FedAvg baseline and the unseen-client learning curve included: one loop drives both transports.
+    config = small(algorithm=algorithm, **{"eval.fedavg_rounds": 2, "eval.curve_every": 2})
     grid = InProcessGrid(client_app, num_partitions=6)
 
-    summary = MetaServer(config, ServerOptions(out_dir=str(tmp_path / "flower"))).start(grid)
+    summary = serve(grid, config, ServerOptions(out_dir=str(tmp_path / "flower")))
     reference = simulate(config, tmp_path / "local", progress=False)
 
-    flower = load_checkpoint(tmp_path / "flower" / "checkpoint.pt")[1]
-    local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
-    assert flower.round == local.round == 3
-    assert all(torch.equal(flower.params[k], local.params[k]) for k in local.params)
-    assert summary["results"]["meta"] == reference["results"]["meta"]
-    assert summary["results"]["random_init"] == reference["results"]["random_init"]
+    flower = load_checkpoint(tmp_path / "flower" / "checkpoint.pt")
+    local = load_checkpoint(tmp_path / "local" / "checkpoint.pt")
+    assert flower[1].round == local[1].round == 3
+    assert all(torch.equal(flower[1].params[k], local[1].params[k]) for k in local[1].params)
+    assert all(torch.equal(flower[2]["fedavg"][k], local[2]["fedavg"][k]) for k in local[2]["fedavg"])
+    assert summary["results"].keys() == {"meta", "random_init", "fedavg"}
+    assert summary["results"] == reference["results"]
     rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
-    assert [r["round"] for r in rows] == [1, 2, 3] and all(r["clients"] == 3 for r in rows)
+    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"))
+    meta = [r for r in rows if r["phase"] == "meta"]
+    assert [r["round"] for r in meta] == [1, 2, 3] and all(r["clients"] == 3 for r in meta)
+    assert [r["round"] for r in meta if "unseen_mse" in r] == [2, 3]
+    assert [r["round"] for r in rows if r["phase"] == "fedavg"] == [1, 2]
     assert json.loads((tmp_path / "flower" / "summary.json").read_text())["rounds"] == 3
 
 
@@ -160,7 +173,7 @@ def test_too_few_nodes_is_a_clear_error_after_the_discovery_timeout(tmp_path: Pa
 
     grid = InProcessGrid(client_app, num_partitions=6, handlers={6: absent})
     with pytest.raises(RuntimeError, match="only 5 of the 6 required nodes answered within 0.5 s"):
-        MetaServer(small(), ServerOptions(out_dir=str(tmp_path), discovery_timeout=0.5)).start(grid)
+        serve(grid, small(), ServerOptions(out_dir=str(tmp_path), discovery_timeout=0.5))
 
 
 def test_a_failing_node_is_logged_counted_and_the_round_goes_on(tmp_path: Path, caplog) -> None:
@@ -168,9 +181,9 @@ def test_a_failing_node_is_logged_counted_and_the_round_goes_on(tmp_path: Path, 
     grid = InProcessGrid(client_app, num_partitions=6, handlers={2: _failing})
 
     with caplog.at_level(logging.WARNING):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path), min_replies=3)).start(grid)
+        serve(grid, config, ServerOptions(out_dir=str(tmp_path), min_replies=3))
 
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = meta_rows(tmp_path / "metrics.jsonl")
     assert all(r["failed"] == 1 and r["clients"] == 3 for r in rows)
     assert "node 2 failed: RuntimeError: disk on fire" in caplog.text
 
@@ -180,12 +193,12 @@ def test_a_round_with_too_few_replies_is_reported_and_not_applied(tmp_path: Path
     grid = InProcessGrid(client_app, num_partitions=6, handlers={2: _failing})
 
     with caplog.at_level(logging.WARNING):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path))).start(grid)  # min_replies: all 4 sampled
+        serve(grid, config, ServerOptions(out_dir=str(tmp_path)))  # min_replies: all 4 sampled
 
     state = load_checkpoint(tmp_path / "checkpoint.pt")[1]
     initial = Experiment.from_config(config).initial_params()
     assert all(torch.equal(state.params[k], initial[k]) for k in initial)
-    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["skipped"] == 1
+    assert meta_rows(tmp_path / "metrics.jsonl")[0]["skipped"] == 1
     assert "3 replies, fewer than the 4 required; meta-parameters unchanged" in caplog.text
 
 
@@ -200,11 +213,13 @@ def test_a_nan_update_from_a_node_is_rejected(tmp_path: Path, caplog) -> None:
 
     config = small(**{"federation.clients_per_round": 4, "federation.rounds": 1})
     with caplog.at_level(logging.WARNING):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path))).start(
-            InProcessGrid(client_app, num_partitions=6, handlers={3: poisoned})
+        serve(
+            InProcessGrid(client_app, num_partitions=6, handlers={3: poisoned}),
+            config,
+            ServerOptions(out_dir=str(tmp_path)),
         )
 
-    row = read_jsonl(tmp_path / "metrics.jsonl")[0]
+    row = meta_rows(tmp_path / "metrics.jsonl")[0]
     assert row["rejected"] == 1 and row["clients"] == 3
     assert all(torch.isfinite(v).all() for v in load_checkpoint(tmp_path / "checkpoint.pt")[1].params.values())
     assert "rejected update from client poisoned" in caplog.text
@@ -222,8 +237,8 @@ def test_distributed_dp_over_flower_equals_the_in_process_loop(tmp_path: Path) -
         }
     )
 
-    summary = MetaServer(config, ServerOptions(out_dir=str(tmp_path / "flower"))).start(
-        InProcessGrid(client_app, num_partitions=6)
+    summary = serve(
+        InProcessGrid(client_app, num_partitions=6), config, ServerOptions(out_dir=str(tmp_path / "flower"))
     )
     reference = simulate(config, tmp_path / "local", progress=False)
 
@@ -232,7 +247,7 @@ def test_distributed_dp_over_flower_equals_the_in_process_loop(tmp_path: Path) -
     assert all(torch.equal(flower.params[k], local.params[k]) for k in local.params)
     assert flower.dp_releases == local.dp_releases == (1.5,) * 3
     assert summary["privacy"]["epsilon"] == reference["privacy"]["epsilon"] > 0
-    rows = read_jsonl(tmp_path / "flower" / "metrics.jsonl")
+    rows = meta_rows(tmp_path / "flower" / "metrics.jsonl")
     assert all(r["update_norm"] > 0 for r in rows) and [r["epsilon"] for r in rows] == sorted(
         r["epsilon"] for r in rows
     )
@@ -253,9 +268,9 @@ def test_a_node_that_dies_is_counted_and_its_restarted_successor_rejoins(tmp_pat
 
     grid.handlers[1] = dies
     with caplog.at_level(logging.INFO):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path), min_replies=3, round_timeout=1)).start(grid)
+        serve(grid, config, ServerOptions(out_dir=str(tmp_path), min_replies=3, round_timeout=1))
 
-    rows = read_jsonl(tmp_path / "metrics.jsonl")
+    rows = meta_rows(tmp_path / "metrics.jsonl")
     assert [(r["clients"], r["timed_out"]) for r in rows] == [(3, 1), (4, 0), (4, 0)]
     assert "joined as node 7, replacing node 1" in caplog.text
 
@@ -285,16 +300,16 @@ def test_the_server_app_resumes_after_a_crash_to_the_same_meta_parameters(tmp_pa
 
     config = small(**{"federation.rounds": 4, "privacy.mode": "central", "privacy.reproducible_noise": True})
     with pytest.raises(KeyboardInterrupt):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path / "a"))).start(CrashingGrid(client_app, 6))
+        serve(CrashingGrid(client_app, 6), config, ServerOptions(out_dir=str(tmp_path / "a")))
     assert load_checkpoint(tmp_path / "a" / "checkpoint.pt")[1].round == 2
 
-    MetaServer(config, ServerOptions(out_dir=str(tmp_path / "a"), resume=True)).start(InProcessGrid(client_app, 6))
-    MetaServer(config, ServerOptions(out_dir=str(tmp_path / "b"))).start(InProcessGrid(client_app, 6))
+    serve(InProcessGrid(client_app, 6), config, ServerOptions(out_dir=str(tmp_path / "a"), resume=True))
+    serve(InProcessGrid(client_app, 6), config, ServerOptions(out_dir=str(tmp_path / "b")))
 
     resumed, whole = (load_checkpoint(tmp_path / d / "checkpoint.pt")[1] for d in ("a", "b"))
     assert resumed.round == whole.round == 4 and resumed.dp_releases == whole.dp_releases
     assert all(torch.equal(resumed.params[k], whole.params[k]) for k in whole.params)
-    assert [r["round"] for r in read_jsonl(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert [r["round"] for r in meta_rows(tmp_path / "a" / "metrics.jsonl")] == [1, 2, 3, 4]
     # The accountant continued from the checkpoint: the same epsilon, round by round.
-    epsilons = [[r["epsilon"] for r in read_jsonl(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
+    epsilons = [[r["epsilon"] for r in meta_rows(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert epsilons[0] == epsilons[1] and epsilons[0] == sorted(epsilons[0])

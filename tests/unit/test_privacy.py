@@ -177,3 +177,22 @@ def test_bad_privacy_settings_are_clear_errors() -> None:
         RunConfig().replace(**{"privacy.mode": "distributed", "privacy.adaptive_clipping": True})
     with pytest.raises(ConfigError, match="noise_multiplier must be >= 0, got -1"):
         RunConfig().replace(**{"privacy.noise_multiplier": -1})
+
+
+def test_the_fedavg_baseline_trains_under_the_runs_privacy_and_its_epsilon_is_reported(tmp_path: Path) -> None:
+    # The baseline is trained on the same clients' data: it leaves a client with the same protection.
+    config = RunConfig().replace(
+        **{
+            **SMALL,
+            "privacy.mode": "distributed",
+            "privacy.clip_norm": 0.5,
+            "privacy.noise_multiplier": 1.0,
+            "eval.fedavg_rounds": 2,
+        }
+    )
+    summary = simulate(config, tmp_path, progress=False)
+    rows = [r for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "fedavg"]
+    assert len(rows) == 2 and all(r["epsilon"] > 0 for r in rows)
+    assert summary["privacy"]["fedavg_epsilon"] == rows[-1]["epsilon"]
+    plain = simulate(config.replace(**{"privacy.mode": "off"}), tmp_path / "plain", progress=False)
+    assert plain["results"]["fedavg"] != summary["results"]["fedavg"]  # the noise reached the baseline

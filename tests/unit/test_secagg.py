@@ -19,12 +19,11 @@ from client.client_app import app as client_app
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import ConfigError
 from fedmeta.experiment import Experiment
-from fedmeta.metrics import read_jsonl
-from server.records import arrays_to_params
+from server.grid import ServerOptions, serve
 from server.secagg import secure_round
-from server.strategy import MetaServer, ServerOptions
 from simulations.inprocess import simulate
-from tests.flower_fakes import InProcessGrid, restore_task_identity, set_task_identity, small
+from tests.flower_fakes import InProcessGrid, meta_rows, restore_task_identity, set_task_identity, small
+from wire.records import arrays_to_params
 
 R = 8.0  # secagg.clipping_range (default)
 STEP = 2 * R / 2**22  # one quantisation level; stochastic rounding errs by less than one level per client
@@ -136,8 +135,10 @@ def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, 
     config = small(**{**dp, "outer.optimizer": "sgd", "outer.outer_lr": 0.5})
 
     plain = simulate(config, tmp_path / "plain", progress=False)
-    secure = MetaServer(config.replace(**{"secagg.enabled": True}), ServerOptions(out_dir=str(tmp_path / "sa"))).start(
-        InProcessGrid(client_app, num_partitions=6)
+    secure = serve(
+        InProcessGrid(client_app, num_partitions=6),
+        config.replace(**{"secagg.enabled": True}),
+        ServerOptions(out_dir=str(tmp_path / "sa")),
     )
 
     a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")[1]
@@ -148,7 +149,7 @@ def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, 
     assert not all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # quantisation did happen
     if mode != "off":
         assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
-    rows = read_jsonl(tmp_path / "sa" / "metrics.jsonl")
+    rows = meta_rows(tmp_path / "sa" / "metrics.jsonl")
     assert all(r["clients"] == 3 and r["secagg_out_of_range"] == 0 for r in rows)
     assert not any("query_loss" in r for r in rows)  # per-client metrics do not leave the clients in the clear
 
@@ -156,8 +157,8 @@ def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, 
 def test_coordinates_beyond_the_clipping_range_are_counted_and_logged(tmp_path: Path, caplog) -> None:
     config = small(**{"secagg.enabled": True, "secagg.clipping_range": 1e-4, "federation.rounds": 1})
     with caplog.at_level(logging.WARNING):
-        MetaServer(config, ServerOptions(out_dir=str(tmp_path))).start(InProcessGrid(client_app, num_partitions=6))
-    assert read_jsonl(tmp_path / "metrics.jsonl")[0]["secagg_out_of_range"] > 0.5
+        serve(InProcessGrid(client_app, num_partitions=6), config, ServerOptions(out_dir=str(tmp_path)))
+    assert meta_rows(tmp_path / "metrics.jsonl")[0]["secagg_out_of_range"] > 0.5
     assert "exceeded secagg.clipping_range 0.0001 and were clipped" in caplog.text
 
 

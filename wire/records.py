@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from fedmeta import wire
+import wire
 from fedmeta.types import ClientUpdate, Params
 
 

@@ -1,0 +1,229 @@
+"""The federated meta-learning run, written once for every transport.
+
+`run` starts or resumes, then per round: sample clients -> the transport trains them -> outer step -> metrics
+-> checkpoint -> (every `eval.curve_every` rounds) the unseen-client learning curve; then the FedAvg baseline
+as a run of its own algorithm through the same rounds and transport, and the final personalised evaluation
+of every model, written to `summary.json`.
+
+A transport only moves work to clients and results back (`Transport`): the in-process one calls the client
+part directly (`fedmeta.inprocess`), the Flower one sends messages over a Grid (`server/grid_transport.py`,
+for the Ray simulation and a deployment alike). Nothing here knows which one it drives, so a run gives the same
+meta-parameters, metrics and summary on each.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from fedmeta.algorithms import BASELINES
+from fedmeta.checkpoint import save_checkpoint, start_or_resume
+from fedmeta.config import ConfigError, RunConfig
+from fedmeta.evaluation import make_summary, summarise
+from fedmeta.experiment import (
+    EvalProtocol,
+    Outer,
+    curve_protocol,
+    eval_protocol,
+    fedavg_config,
+    initial_params,
+    meta_algorithm,
+)
+from fedmeta.metrics import JsonlSink
+from fedmeta.round import SecureSum, ServerState
+from fedmeta.sampling import sample_clients
+from fedmeta.types import ClientUpdate, Params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FederationInfo:
+    """What the server learns about the federation when it connects (it holds none of the data)."""
+
+    num_train: int
+    num_unseen: int
+    # Labels of the global task (FedAvg's head); None when the federation does not have one.
+    num_global_outputs: int | None
+
+
+@dataclass
+class Replies:
+    """A round's results as they came back: the individual updates, or their secure sum, or None when too few
+    clients answered for the round to count (the transport has said why)."""
+
+    updates: list[tuple[str, ClientUpdate]] | SecureSum | None
+    received: int
+    absent: int = 0  # sampled, but no node holds that client
+    failed: int = 0  # an error or a malformed reply
+    timed_out: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """How client parts reach the clients. `config` is the run being trained (the meta-learning run or a
+    baseline's); clients are indices into the training or the unseen clients."""
+
+    def connect(self, config: RunConfig) -> FederationInfo: ...
+
+    def train(self, config: RunConfig, params: Params, round_index: int, clients: Sequence[int]) -> Replies: ...
+
+    def evaluate(
+        self, config: RunConfig, models: Mapping[str, Params], clients: Sequence[int], protocol: EvalProtocol
+    ) -> dict[str, np.ndarray]:
+        """{model name: metric after 0..steps steps, array (clients that answered, tasks, steps + 1)}, in
+        client order."""
+        ...
+
+
+def run(
+    config: RunConfig, transport: Transport, out_dir: Path | str, *, resume: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Meta-train, train the FedAvg baseline, evaluate every model on unseen clients; write all to `out_dir`.
+
+    `resume`: continue from `out_dir`'s checkpoint (written after every round) with the same config; the
+    result is bit-identical to an uninterrupted run.
+    """
+    if config.algorithm in BASELINES:
+        raise ConfigError(f"{config.algorithm} is a baseline, trained beside every run (eval.fedavg_rounds)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    info = transport.connect(config)
+    algorithm = meta_algorithm(config)
+    init = initial_params(algorithm, config.federation.seed)
+    outer = Outer(config, info.num_train)
+    outer.check()
+    state = start_or_resume(out, config, outer.initial_state(init), resume=resume)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    log.info("run config: %s", json.dumps(config.to_flat(), sort_keys=True))
+    eval_clients = list(range(min(config.eval.eval_clients, info.num_unseen)))
+    metric = algorithm.metric_name
+
+    def curve(params: Params) -> dict[str, float]:
+        curves = transport.evaluate(config, {"meta": params}, eval_clients, curve_protocol(config))
+        return {f"unseen_{metric}": float(curves["meta"][:, :, config.inner.inner_steps].mean())}
+
+    with JsonlSink(out / "metrics.jsonl", append=resume) as sink:
+        state = train(
+            config, transport, info, state, sink=sink, label="meta", checkpoint=out / "checkpoint.pt",
+            progress=progress, curve=curve if config.eval.curve_every else None,
+        )  # fmt: skip
+        meta_seconds = time.perf_counter() - started
+        models = {"meta": state.params, "random_init": init}
+        baseline_privacy: dict[str, Any] = {}
+        rounds = config.eval.fedavg_rounds
+        if rounds is None:  # as many rounds as the meta-learning run did (fewer under a time budget)
+            rounds = state.round if config.federation.time_budget is not None else config.federation.rounds
+        if rounds > 0:
+            baseline = fedavg_config(config, rounds)
+            baseline_outer = Outer(baseline, info.num_train)
+            start = baseline_outer.initial_state(
+                initial_params(meta_algorithm(baseline, info.num_global_outputs), config.federation.seed)
+            )
+            baseline_state = train(baseline, transport, info, start, sink=sink, label="fedavg", progress=progress)
+            models["fedavg"] = algorithm.transfer(baseline_state.params, init)
+            report = baseline_outer.privacy_report(baseline_state)
+            if report is not None:
+                baseline_privacy = {"fedavg_epsilon": report["epsilon"]}
+            save_checkpoint(out / "checkpoint.pt", config=config, state=state, baselines={"fedavg": models["fedavg"]})
+        curves = transport.evaluate(config, models, eval_clients, eval_protocol(config))
+        results = {name: summarise(curves[name], metric) for name in models}
+        privacy = outer.privacy_report(state)
+        summary = make_summary(
+            config,
+            results,
+            rounds=state.round,
+            meta_seconds=meta_seconds,
+            total_seconds=time.perf_counter() - started,
+            privacy={**privacy, **baseline_privacy} if privacy is not None else None,
+        )
+        sink.write(
+            {
+                "phase": "eval",
+                **{f"{name}_{s['metric']}_final": s["over_tasks"][-1]["mean"] for name, s in results.items()},
+            }
+        )
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def train(
+    config: RunConfig,
+    transport: Transport,
+    info: FederationInfo,
+    state: ServerState,
+    *,
+    sink: JsonlSink | None,
+    label: str,
+    checkpoint: Path | None = None,
+    progress: bool = True,
+    curve: Callable[[Params], dict[str, float]] | None = None,
+) -> ServerState:
+    """Rounds `state.round + 1 .. federation.rounds` of `config`'s run (or until its time budget is spent)."""
+    outer = Outer(config, info.num_train)
+    fed = config.federation
+    every = config.eval.curve_every
+    bar = tqdm(
+        range(state.round, fed.rounds),
+        desc=label,
+        unit="round",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=1.0,
+    )
+    for round_index in bar:
+        if outer.over_budget(state):
+            log.info("%s: time budget spent after %d rounds (%.1f min)", label, state.round, state.elapsed / 60)
+            break
+        started = time.perf_counter()
+        chosen = sample_clients(seed=fed.seed, round_index=round_index, num_clients=info.num_train, count=outer.sampled)
+        replies = transport.train(config, state.params, round_index, chosen)
+        if replies.updates is None:
+            state, round_metrics = replace(state, round=state.round + 1), {"skipped": 1}
+        else:
+            state, round_metrics = outer.step(state, replies.updates, round_index)
+            round_metrics.update(replies.metrics)
+        seconds = time.perf_counter() - started
+        state = replace(state, elapsed=state.elapsed + seconds)
+        metrics: dict[str, Any] = {
+            "phase": label,
+            "round": state.round,
+            "seconds": seconds,  # this round's training time (the learning curve's scoring not included)
+            "elapsed": state.elapsed,  # training seconds since round 1: the x-axis of time-to-accuracy
+            "outer_lr": outer.optimizer.lr_at(state.opt_state["step"]),
+            "sampled": len(chosen),
+            "absent": replies.absent,
+            "failed": replies.failed,
+            "timed_out": replies.timed_out,
+            **round_metrics,
+        }
+        if curve is not None and (state.round % every == 0 or state.round == fed.rounds):
+            metrics.update(curve(state.params))
+        if sink is not None:
+            sink.write(metrics)
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, config=config, state=state)
+        shown = {k: v for k, v in metrics.items() if k.startswith(("query_", "unseen_"))}
+        if progress:
+            bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        else:
+            log.info(
+                "%s round %d/%d: %d/%d replies %s (%.2f s)",
+                label,
+                state.round,
+                fed.rounds,
+                replies.received,
+                len(chosen),
+                " ".join(f"{k}={v:.4g}" for k, v in shown.items()),
+                seconds,
+            )
+    return state
