@@ -25,7 +25,7 @@ from fedmeta.config import DataConfig, RunConfig
 from fedmeta.evaluation import client_curves
 from fedmeta.experiment import Experiment
 from fedmeta.round import check_update
-from fedmeta.runtime import tune_allocator
+from fedmeta.runtime import apply_threads, tune_allocator
 from fedmeta.tasks import Federation, build_federation
 from fedmeta.types import ClientUpdate
 from wire.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
@@ -66,7 +66,9 @@ def _setup(message: Message, context: Context, flat: dict[str, Any] | None = Non
         flat["data.data_dir"] = str(context.node_config["data-dir"])
     if "device" in context.node_config:  # so does its own device (a GPU node among CPU nodes)
         flat["compute.device"] = str(context.node_config["device"])
-    experiment = _experiment(RunConfig.from_flat(flat))
+    config = RunConfig.from_flat(flat)
+    apply_threads(config, one_client_per_process=True)
+    experiment = _experiment(config)
     train, unseen = len(experiment.federation.train_clients), len(experiment.federation.unseen_clients)
     try:
         partition = int(context.node_config["partition-id"])

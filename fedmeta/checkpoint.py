@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from fedmeta.config import RunConfig
-from fedmeta.metrics import keep_rounds
+from fedmeta.metrics import keep_rounds, run_id_of
 from fedmeta.round import ServerState
 from fedmeta.types import Params
 
@@ -44,6 +44,7 @@ def save_checkpoint(
         "clip_norm": state.clip_norm,
         "dp_releases": list(state.dp_releases),
         "elapsed": state.elapsed,
+        "run_id": state.run_id,
         "baselines": baselines or {},
     }
     partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -69,6 +70,7 @@ def load_checkpoint(path: Path | str) -> tuple[RunConfig, ServerState, dict[str,
         clip_norm=payload.get("clip_norm"),
         dp_releases=tuple(payload.get("dp_releases", ())),
         elapsed=float(payload.get("elapsed", 0.0)),
+        run_id=str(payload.get("run_id", "")),
     )
     return config, state, payload["baselines"]
 
@@ -92,6 +94,12 @@ def start_or_resume(out: Path, config: RunConfig, fresh: ServerState, *, resume:
     checkpoint = out / "checkpoint.pt"
     if resume:
         state = load_for_resume(checkpoint, config)
+        logged = run_id_of(out / "metrics.jsonl")
+        if state.run_id and logged is not None and logged != state.run_id:
+            raise CheckpointError(
+                f"{checkpoint} belongs to run {state.run_id} but {out / 'metrics.jsonl'} to run {logged}; resume "
+                "only from the checkpoint the run in this directory wrote"
+            )
         kept = keep_rounds(out / "metrics.jsonl", phase="meta", last_round=state.round)
         log.info("resuming from %s after round %d (%d metric rows kept)", checkpoint, state.round, kept)
         return state

@@ -448,6 +448,12 @@ class ComputeConfig:
     precision: str = option(
         "fp32", "bf16: forward passes under bfloat16 autocast", flag="--precision", choices=PRECISIONS
     )
+    threads: int = option(
+        0,
+        "torch threads per process (0: automatic - 1 for sinusoid and for each Flower client, all cores for "
+        "Omniglot in-process)",
+        flag="--threads",
+    )
 
     def __post_init__(self) -> None:
         _require(self.device in DEVICES, f"compute.device must be one of {DEVICES}, got {self.device!r}")
@@ -457,6 +463,10 @@ class ComputeConfig:
             f"compute.task_chunk must be a non-negative integer (0: automatic), got {self.task_chunk!r}",
         )
         _require(self.precision in PRECISIONS, f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(
+            isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0,
+            f"compute.threads must be a non-negative integer (0: automatic), got {self.threads!r}",
+        )
 
 
 # Flower's SecAgg+ masks vectors modulo 2**32; the sum of a round's quantised updates must stay below it.

@@ -167,6 +167,20 @@ class Outer:
 
     def check(self) -> None:
         """Everything about the server side that can be refused before round 1."""
+        fed = self.config.federation
+        if fed.client_fraction is None and fed.clients_per_round > self.num_train_clients:
+            raise ConfigError(
+                f"federation.clients_per_round is {fed.clients_per_round}, but the federation has only "
+                f"{self.num_train_clients} training clients; ask for at most {self.num_train_clients} "
+                "(or a --client-fraction)"
+            )
+        p = self.config.privacy
+        if p.enabled and p.noise_multiplier == 0:
+            log.warning(
+                "privacy.mode %s with noise multiplier 0: updates are clipped but not noised, so epsilon is "
+                "infinite (reported as null in summary.json)",
+                p.mode,
+            )
         self.check_budget()
         secagg = self.config.secagg
         if not secagg.enabled:

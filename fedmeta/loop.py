@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from fedmeta.algorithms import BASELINES
@@ -37,7 +39,7 @@ from fedmeta.experiment import (
     initial_params,
     meta_algorithm,
 )
-from fedmeta.metrics import JsonlSink
+from fedmeta.metrics import START, JsonlSink, write_json
 from fedmeta.round import SecureSum, ServerState
 from fedmeta.sampling import sample_clients
 from fedmeta.types import ClientUpdate, Params
@@ -102,8 +104,11 @@ def run(
     init = initial_params(algorithm, config.federation.seed)
     outer = Outer(config, info.num_train)
     outer.check()
-    state = start_or_resume(out, config, outer.initial_state(init), resume=resume)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    fresh = replace(outer.initial_state(init), run_id=uuid.uuid4().hex)
+    state = start_or_resume(out, config, fresh, resume=resume)
+    # The config, and what its automatic settings resolved to in this process.
+    runtime = {"threads": torch.get_num_threads()}
+    (out / "config.json").write_text(json.dumps({**config.to_dict(), "runtime": runtime}, indent=2))
     log.info("run config: %s", json.dumps(config.to_flat(), sort_keys=True))
     eval_clients = list(range(min(config.eval.eval_clients, info.num_unseen)))
     metric = algorithm.metric_name
@@ -113,6 +118,8 @@ def run(
         return {f"unseen_{metric}": float(curves["meta"][:, :, config.inner.inner_steps].mean())}
 
     with JsonlSink(out / "metrics.jsonl", append=resume) as sink:
+        if not resume:
+            sink.write({"phase": START, "run_id": state.run_id, "algorithm": config.algorithm})
         state = train(
             config, transport, info, state, sink=sink, label="meta", checkpoint=out / "checkpoint.pt",
             progress=progress, curve=curve if config.eval.curve_every else None,
@@ -146,13 +153,14 @@ def run(
             total_seconds=time.perf_counter() - started,
             privacy={**privacy, **baseline_privacy} if privacy is not None else None,
         )
+        summary["run_id"] = state.run_id
         sink.write(
             {
                 "phase": "eval",
                 **{f"{name}_{s['metric']}_final": s["over_tasks"][-1]["mean"] for name, s in results.items()},
             }
         )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary
 
 

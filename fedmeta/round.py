@@ -35,6 +35,8 @@ class ServerState:
     dp_releases: tuple[float, ...] = ()
     # Training seconds spent so far (the clock of `federation.time_budget`; survives a resume).
     elapsed: float = 0.0
+    # Names the run this state belongs to, so that a resume cannot continue another run's metrics.
+    run_id: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,17 @@
-"""Process-level settings of the compute engine: which device, and how the C allocator treats big tensors."""
+"""Process-level settings of the compute engine: which device, how many threads, and how the C allocator
+treats big tensors."""
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 import torch
 
-from fedmeta.config import ConfigError
+from fedmeta.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,26 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"compute.device must be one of ('cpu', 'cuda', 'auto'), got {name!r}")
     return torch.device(name)
+
+
+def choose_threads(config: RunConfig, *, one_client_per_process: bool = False) -> int:
+    """torch's intra-op threads for this process's work: `compute.threads` when set, else 1 for a process that
+    computes one Flower client (Ray or a SuperNode: the clients are the parallelism) and for the tiny sinusoid
+    MLP (a second thread only adds synchronisation, and spins against any other busy process), else every core
+    this process may use (Conv4 on Omniglot)."""
+    if config.compute.threads:
+        return config.compute.threads
+    if one_client_per_process or config.data.dataset == "sinusoid":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def apply_threads(config: RunConfig, *, one_client_per_process: bool = False) -> int:
+    """Set torch's thread count by `choose_threads`; returns it."""
+    threads = choose_threads(config, one_client_per_process=one_client_per_process)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
 
 
 def tune_allocator() -> bool:

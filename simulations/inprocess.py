@@ -3,7 +3,6 @@ transport, where every client runs in this process, one after another."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -14,10 +13,13 @@ from fedmeta.evaluation import make_summary, summarise
 from fedmeta.experiment import Outer, task_kind
 from fedmeta.inprocess import InProcess
 from fedmeta.loop import run
+from fedmeta.metrics import write_json
+from fedmeta.runtime import apply_threads
 
 
 def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Meta-train, train the FedAvg baseline, evaluate all on unseen clients; write everything to `out_dir`."""
+    apply_threads(config)
     return run(config, InProcess(progress=progress), out_dir, resume=resume, progress=progress)
 
 
@@ -38,6 +40,7 @@ def evaluate_checkpoint(
             f"this {config.algorithm} model has a {head.shape[0]}-way head; evaluate it with "
             f"--ways {head.shape[0]} (only protonet evaluates at any number of ways)"
         )
+    apply_threads(config)
     transport = InProcess(progress=progress)
     experiment = transport.experiment(config)
     models = {"meta": state.params, "random_init": experiment.initial_params(), **baselines}
@@ -55,5 +58,5 @@ def evaluate_checkpoint(
     )
     target = Path(out_dir) if out_dir is not None else Path(path).parent
     target.mkdir(parents=True, exist_ok=True)
-    (target / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(target / "summary.json", summary)
     return summary

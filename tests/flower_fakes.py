@@ -40,7 +40,7 @@ def small(**overrides: object) -> RunConfig:
     return RunConfig().replace(**{**SMALL, **overrides})
 
 
-WALL_CLOCK = ("seconds", "elapsed")
+WALL_CLOCK = ("seconds", "elapsed", "run_id")  # and the run id, which names each run
 
 
 def assert_same_results(results: dict[str, Any], reference: dict[str, Any], *, rel: float = 1e-12) -> None:
@@ -70,7 +70,7 @@ def meta_rows(path: Path) -> list[dict[str, Any]]:
 
 def assert_same_rows(rows: list[dict[str, Any]], reference: list[dict[str, Any]], *, rel: float = 1e-12) -> None:
     """Two runs' metrics.jsonl rows are the same: same keys, same values, floats within `rel` (a norm over an
-    array decoded from a message may sum in another order), wall-clock fields left out."""
+    array decoded from a message may sum in another order), wall-clock fields and run ids left out."""
     assert len(rows) == len(reference)
     for row, ref in zip(rows, reference, strict=True):
         assert row.keys() == ref.keys()

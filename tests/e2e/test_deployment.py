@@ -116,6 +116,7 @@ def test_a_deployed_secagg_run_matches_the_in_process_loop_within_quantisation(d
         "privacy.clip_norm=0.5",
         "privacy.reproducible_noise=true",
         "federation.rounds=1",  # each SecAgg+ stage is a round trip; in a deployment each costs a ClientApp start
+        "eval.fedavg_rounds=0",
     ]
     result = fedmeta_run(deployment, [*experiment, "secagg.enabled=true", f'server.out_dir="{tmp_path / "sa"}"'])
 

@@ -52,6 +52,7 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path: Path) -> None:
                 "eval.eval_clients=1",
                 "eval.eval_tasks_per_client=2",
                 "inner.eval_steps=2",
+                "eval.fedavg_rounds=0",
                 "server.min_replies=3",
                 "server.round_timeout=40.0",
                 f'server.out_dir="{out}"',
@@ -62,7 +63,7 @@ def test_a_killed_supernode_is_survived_and_rejoins(tmp_path: Path) -> None:
             run = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
             # Round 1 done; in round 2, kill client 0's SuperNode while it runs its ClientApp (mid-round).
-            _wait(lambda: len(_rows(out)) >= 1, "round 1", 200, run)
+            _wait(lambda: any(r.get("phase") == "meta" for r in _rows(out)), "round 1", 200, run)
             victim = psutil.Process(local.supernodes[0].pid)
             _wait(lambda: bool(victim.children()), "client 0 to start training in round 2", 60, run)
             orphans = victim.children(recursive=True)

@@ -127,6 +127,7 @@ def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
             "inner.inner_optimizer": "adam",
             "inner.inner_batch": 5,
             "data.num_train_clients": 3,
+            "federation.clients_per_round": 3,
             "data.num_unseen_clients": 2,
         }
     )
