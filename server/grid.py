@@ -106,10 +106,10 @@ class GridTransport:
             if expected is not None and len(nodes) >= expected:
                 break
             if time.monotonic() > deadline:
+                wanted_text = f"of the {expected} required nodes " if expected is not None else "SuperNodes "
                 raise RuntimeError(
-                    f"only {len(nodes)} of the {expected} required nodes answered within "
-                    f"{self.options.discovery_timeout:g} s; start more SuperNodes or lower "
-                    "server.min-nodes"
+                    f"only {len(nodes)} {wanted_text}answered within {self.options.discovery_timeout:g} s; start "
+                    "more SuperNodes (fedmeta client ...) or lower server.min_nodes"
                 )
             time.sleep(1.0)
             node_ids = list(self.grid.get_node_ids())

@@ -18,9 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from fedmeta.checkpoint import CheckpointError
 from fedmeta.config import ALGORITHM_NAMES, DEVICES, ConfigError, RunConfig
-from fedmeta.tasks import DataError
 
 # The `fedmeta evaluate` options that change the evaluation of a saved run.
 EVALUATE_KEYS = (
@@ -112,6 +110,7 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmeta", description="Federated meta-learning.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error, not just its line")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a federated meta-learning simulation and evaluate it on unseen clients")
@@ -128,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="ray engine: CPUs per virtual client")
     sim.add_argument("--gpus-per-client", type=float, default=0.0, help="ray engine: GPU fraction per virtual client")
     sim.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
-    sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument(
+        "--no-progress", action="store_true", help="log lines instead of progress bars (automatic when not a terminal)"
+    )
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
 
     ev = sub.add_parser("evaluate", help="personalised evaluation of a checkpoint on unseen clients")
@@ -162,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli.add_argument("--device", choices=DEVICES, help="where this node computes (default: the run config's)")
     cli.add_argument("--port", type=int, help="this node's local runtime API port (default: 9100 + partition)")
     cli.add_argument("--auth-key", type=Path, help="this node's private key (fedmeta certs) for node authentication")
+    cli.add_argument(
+        "--max-retries", type=int, default=100, help="reconnection attempts before giving up (default: %(default)s)"
+    )
+    cli.add_argument(
+        "--max-wait",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up after this long without the SuperLink (default: %(default)s)",
+    )
     _add_security_options(cli, certificates=False)
 
     reg = sub.add_parser("register", help="register a SuperNode's public key with a SuperLink run with --node-auth")
@@ -218,6 +229,13 @@ def _deploy(args: argparse.Namespace) -> int:
     """`fedmeta server|client|run`: wrap Flower's own commands, printing each before it runs."""
     from simulations import deploy
 
+    # Flower resolves paths against other working directories (its config file's, its own processes'):
+    # every path the user gives is made absolute here, against the directory the command runs in.
+    for name in ("certificates", "root_certificates", "auth_key", "public_key", "directory"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, Path(getattr(args, name)).expanduser().resolve())
+    if getattr(args, "data_dir", None) is not None:
+        args.data_dir = str(Path(args.data_dir).expanduser().resolve())
     if args.command == "certs":
         keys = deploy.make_certificates(args.directory, nodes=args.nodes)
         print(f"fedmeta: CA {args.directory / 'ca.crt'}, SuperLink certificate {args.directory / 'server.pem'}")
@@ -248,9 +266,18 @@ def _deploy(args: argparse.Namespace) -> int:
                 device=args.device,
                 root_certificates=args.root_certificates,
                 auth_key=args.auth_key,
+                max_retries=args.max_retries,
+                max_wait=args.max_wait,
+            )
+            print(
+                f"fedmeta: connecting to the SuperLink at {args.superlink} (giving up after {args.max_retries} "
+                f"retries or {args.max_wait:g} s without it)",
+                file=sys.stderr,
             )
         print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
         os.execvpe(command[0], command, env)  # replace this process: its PID is the Flower process's PID
+    if args.command == "run":  # refuse a bad run config before anything is written or submitted
+        run_config = deploy.encode_run_config(deploy.parse_run_config(args.run_config))
     path = deploy.register_connection(
         args.connection, address=args.superlink, insecure=args.insecure, root_certificates=args.root_certificates
     )
@@ -259,10 +286,15 @@ def _deploy(args: argparse.Namespace) -> int:
         command = deploy.register_command(args.public_key, args.connection)
         print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
         return subprocess.run(command, env=env).returncode
-    print(f"fedmeta: running {deploy.show(deploy.run_command(args.connection, args.run_config))}", file=sys.stderr)
-    run_id, status = deploy.submit_and_wait(args.connection, args.run_config, timeout=args.timeout)
+    print(f"fedmeta: running {deploy.show(deploy.run_command(args.connection, run_config))}", file=sys.stderr)
+    run_id, status = deploy.submit_and_wait(args.connection, run_config, address=args.superlink, timeout=args.timeout)
     print(f"fedmeta: run {run_id} {status}")
     return 0 if status == "finished:completed" else 1
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal; one plain log line per round into a file or pipe (or with --no-progress)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tune_allocator()
     # Heavy imports after parsing, so `fedmeta --help` is instant.
+    from fedmeta.checkpoint import CheckpointError
     from fedmeta.evaluation import format_summary
+    from fedmeta.tasks import DataError
+    from simulations import deploy
     from simulations.inprocess import evaluate_checkpoint, simulate
 
     try:
@@ -296,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
                     resume=args.resume,
                 )
             else:
-                summary = simulate(config, args.out, progress=not args.no_progress, resume=args.resume)
+                summary = simulate(config, args.out, progress=_progress(args), resume=args.resume)
             print(format_summary(summary))
             print(
                 f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "
@@ -304,15 +339,30 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "evaluate":
             overrides = {key: getattr(args, key) for key in EVALUATE_KEYS if getattr(args, key) is not None}
-            summary = evaluate_checkpoint(args.checkpoint, args.out, progress=not args.no_progress, overrides=overrides)
+            summary = evaluate_checkpoint(args.checkpoint, args.out, progress=_progress(args), overrides=overrides)
             print(format_summary(summary))
         elif args.command == "download":
             from fedmeta.tasks.omniglot import download
 
             for path in download(args.data_dir):
                 print(path)
-    except (ConfigError, DataError, CheckpointError, ValueError) as error:
+    except (ConfigError, DataError, CheckpointError, ValueError, deploy.DeployError, OSError) as error:
+        if args.debug:
+            raise
         print(f"fedmeta: error: {error}", file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError as error:  # a tool we ran (openssl, flwr ls) failed
+        if args.debug:
+            raise
+        detail = (
+            (error.stderr or b"").decode(errors="replace").strip().splitlines()
+            if isinstance(error.stderr, bytes)
+            else str(error.stderr or "").strip().splitlines()
+        )
+        print(
+            f"fedmeta: error: {deploy.show(list(map(str, error.cmd)))} failed: {detail[-1] if detail else error}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -24,6 +24,52 @@ APP_DIR = Path(__file__).resolve().parents[1]  # the repository root: pyproject.
 
 
 APP_PRESET = "sinusoid-loopback"  # the experiment of the app config
+# Run-config keys that name paths: made absolute (against the caller's directory) before Flower sees them,
+# since the ServerApp and ClientApps run in other working directories.
+PATH_KEYS = ("server.out_dir", "data.data_dir")
+
+
+SUBMIT_TIMEOUT = 60.0  # seconds for `flwr run` to hand the run to the SuperLink (it retries a dead address forever)
+
+
+class DeployError(RuntimeError):
+    """A deployment command failed for a reason the user can fix (reported in one line)."""
+
+
+def parse_run_config(items: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` pairs as Flower parses them (VALUE is TOML), checked against the app config and validated as a
+    fedmeta config before anything is submitted; path values made absolute."""
+    from server.grid import parse_run_config as split
+
+    known = app_config()
+    overrides: dict[str, object] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise DeployError(f"--run-config {item!r} is not KEY=VALUE")
+        if key not in known:
+            close = sorted(k for k in known if k.split(".")[0] == key.split(".")[0]) or sorted(known)
+            raise DeployError(f"unknown run-config key {key!r}; known keys here: {', '.join(close)}")
+        try:
+            value = tomllib.loads(f"value = {raw}")["value"]
+        except tomllib.TOMLDecodeError:
+            raise DeployError(
+                f'the value of {key} ({raw}) is not a TOML value; strings need quotes: {key}="{raw}"'
+            ) from None
+        if key in PATH_KEYS and isinstance(value, str) and value:
+            value = str(Path(value).expanduser().resolve())
+        overrides[key] = value
+    try:
+        split({**known, **overrides})  # the same checks and messages as `fedmeta simulate`
+    except (ValueError, TypeError) as error:
+        raise DeployError(f"bad run config: {error}") from None
+    return overrides
+
+
+def encode_run_config(overrides: dict[str, object]) -> list[str]:
+    """Back to `KEY=VALUE` pairs (TOML values), as `flwr run --run-config` takes them."""
+    return [f"{key}={tomli_w.dumps({'v': value}).removeprefix('v = ').strip()}" for key, value in overrides.items()]
 
 
 def app_config() -> dict[str, object]:
@@ -95,6 +141,8 @@ def supernode_command(
     device: str | None = None,
     root_certificates: Path | None = None,
     auth_key: Path | None = None,
+    max_retries: int | None = None,
+    max_wait: float | None = None,
 ) -> list[str]:
     if not 0 <= partition < num_partitions:
         raise ValueError(f"partition {partition} is out of range 0..{num_partitions - 1}")
@@ -120,6 +168,10 @@ def supernode_command(
         command += ["--root-certificates", str(root_certificates)]
     if auth_key is not None:
         command += ["--auth-supernode-private-key", str(auth_key)]
+    if max_retries is not None:
+        command += ["--max-retries", str(max_retries)]
+    if max_wait is not None:
+        command += ["--max-wait-time", f"{max_wait:g}"]
     return command
 
 
@@ -127,7 +179,10 @@ def make_certificates(directory: Path, *, nodes: int = 0) -> list[Path]:
     """A local test PKI with openssl and ssh-keygen: a CA, a SuperLink certificate for 127.0.0.1/localhost,
     and `nodes` SuperNode key pairs (ECDSA P-384 in OpenSSH format, what Flower's node authentication takes).
     For loopback tests and trials; a real deployment uses certificates from its own CA."""
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DeployError(f"cannot create the certificate directory {directory}: {error.strerror}") from None
     d = str(directory)
     steps = [
         ["openssl", "genrsa", "-out", f"{d}/ca.key", "4096"],
@@ -204,25 +259,55 @@ def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
     return str(runs[0]["status"])
 
 
-def submit_and_wait(connection: str, run_config: list[str], *, timeout: float = 3600.0) -> tuple[int, str]:
+def submit_and_wait(
+    connection: str, run_config: list[str], *, address: str = "", timeout: float = 3600.0
+) -> tuple[int, str]:
     """Submit the app, stream its logs, then wait for and return (run id, final status)."""
     env = flower_env()
-    submitted = subprocess.run(
-        run_command(connection, run_config, stream=False), env=env, capture_output=True, text=True, check=False
-    )
+    try:
+        submitted = subprocess.run(
+            run_command(connection, run_config, stream=False),
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=SUBMIT_TIMEOUT,
+        )
+    except subprocess.TimeoutExpired:
+        raise DeployError(
+            f"the SuperLink at {address or connection} did not answer within {SUBMIT_TIMEOUT:g} s; is `fedmeta "
+            "server` running there, and do --insecure / --root-certificates match how it was started?"
+        ) from None
     try:
         run_id = int(json.loads(submitted.stdout)["run-id"])
-    except (ValueError, KeyError) as error:
-        raise RuntimeError(f"flwr run did not start a run:\n{submitted.stdout}\n{submitted.stderr}") from error
+    except (ValueError, KeyError, TypeError):
+        raise DeployError(
+            f"the SuperLink {address or connection} did not start the run: {_reason(submitted)}"
+        ) from None
     logs = subprocess.Popen(["flwr", "log", str(run_id), connection, "--stream"], env=env)
     deadline = time.monotonic() + timeout
     status = run_status(connection, run_id, env)
+    wait = 1.0
     while not status.startswith("finished") and time.monotonic() < deadline:
-        time.sleep(1.0)
+        time.sleep(min(wait, max(deadline - time.monotonic(), 0.0)))
+        wait = min(wait * 1.5, 15.0)  # back off: a long run is polled a few times a minute, not every second
         status = run_status(connection, run_id, env)
     logs.terminate()
     logs.wait(timeout=10)
     return run_id, status
+
+
+def _reason(result: subprocess.CompletedProcess) -> str:
+    """The one informative line of a failed Flower command's output (its JSON error message if it gave one)."""
+    for text in (result.stdout, result.stderr):
+        try:
+            message = json.loads(text).get("error-message")
+        except (ValueError, AttributeError):
+            message = None
+        if message:
+            return " ".join(str(message).split())
+    lines = [line.strip() for line in (result.stderr + "\n" + result.stdout).splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {result.returncode}"
 
 
 def show(command: list[str]) -> str:

@@ -43,3 +43,63 @@ def test_secure_commands_carry_flowers_tls_and_auth_options(tmp_path: Path) -> N
     assert node[node.index("--node-config") + 1] == 'partition-id=0 num-partitions=2 device="cuda"'
     assert node[node.index("--auth-supernode-private-key") + 1] == str(tmp_path / "node-0")
     assert node[node.index("--root-certificates") + 1] == str(tmp_path / "ca.crt")
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ("federation.roundz=5", "unknown run-config key 'federation.roundz'; known keys here: federation.client_"),
+        ("server.out_dir=runs/x", 'the value of server.out_dir (runs/x) is not a TOML value; strings need quotes'),
+        ('federation.rounds="ten"', "bad run config: rounds must be a positive integer, got 'ten'"),
+        ("server.min_replies=-1", "bad run config: server.min_replies must be a non-negative integer, got -1"),
+        ("federation.rounds", "--run-config 'federation.rounds' is not KEY=VALUE"),
+    ],
+)
+def test_a_bad_run_config_is_one_line_before_anything_is_submitted(
+    item: str, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    submitted = []
+    monkeypatch.setattr(deploy, "submit_and_wait", lambda *a, **k: submitted.append(a) or (1, "finished:completed"))
+    assert main(["run", "--insecure", "--run-config", item]) == 2
+    err = capsys.readouterr().err
+    assert f"fedmeta: error: {message}" in err and "Traceback" not in err
+    assert not submitted and not (tmp_path / "flwr" / "config.toml").exists()  # nothing written, nothing sent
+
+
+def test_paths_reach_flower_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr"))
+    calls: list[tuple] = []
+    monkeypatch.setattr(deploy, "submit_and_wait", lambda *a, **k: calls.append(a) or (7, "finished:completed"))
+    argv = ["run", "--root-certificates", "certs/ca.crt", "--run-config", 'server.out_dir="runs/x"']
+    assert main(argv) == 0
+    written = (tmp_path / "flwr" / "config.toml").read_text()
+    assert f'root-certificates = "{tmp_path / "certs" / "ca.crt"}"' in written
+    assert calls[0][1] == [f'server.out_dir="{tmp_path / "runs" / "x"}"']
+    node = deploy.supernode_command(
+        superlink="127.0.0.1:9092", partition=0, num_partitions=2, port=9100, insecure=True, max_retries=3, max_wait=9
+    )
+    assert node[node.index("--max-retries") + 1] == "3" and node[node.index("--max-wait-time") + 1] == "9"
+
+
+def test_an_unreachable_superlink_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(deploy, "SUBMIT_TIMEOUT", 0.01)
+    with pytest.raises(deploy.DeployError, match=r"the SuperLink at 127.0.0.1:9199 did not answer within 0.01 s"):
+        deploy.submit_and_wait("nowhere", [], address="127.0.0.1:9199")
+
+
+def test_certificates_into_an_impossible_directory_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["certs", "/proc/nope"]) == 2
+    err = capsys.readouterr().err
+    assert "fedmeta: error: cannot create the certificate directory /proc/nope" in err and "Traceback" not in err
+
+
+def test_help_does_not_import_torch() -> None:
+    # `fedmeta --help` must be instant: the parser is built from fedmeta.config alone.
+    import subprocess
+    import sys
+
+    code = "import sys, simulations.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -174,6 +174,8 @@ def test_too_few_nodes_is_a_clear_error_after_the_discovery_timeout(tmp_path: Pa
     grid = InProcessGrid(client_app, num_partitions=6, handlers={6: absent})
     with pytest.raises(RuntimeError, match="only 5 of the 6 required nodes answered within 0.5 s"):
         serve(grid, small(), ServerOptions(out_dir=str(tmp_path), discovery_timeout=0.5))
+    with pytest.raises(RuntimeError, match=r"only 0 SuperNodes answered within 0.5 s; .* lower server.min_nodes$"):
+        serve(InProcessGrid(client_app, 0), small(), ServerOptions(out_dir=str(tmp_path), discovery_timeout=0.5))
 
 
 def test_a_failing_node_is_logged_counted_and_the_round_goes_on(tmp_path: Path, caplog) -> None:
