@@ -120,6 +120,19 @@ def make_summary(
     }
 
 
+def _number(value: float | None) -> str:
+    """A float in 3 significant digits; None (JSON's infinite epsilon) as 'infinite'."""
+    return "infinite" if value is None or math.isinf(value) else f"{value:.3g}"
+
+
+def _cell(stat: dict[str, Any], scale: float, unit: str, digits: int) -> str:
+    """'mean +- ci', or 'not finite' for a diverged model (summary.json stores non-finite values as null)."""
+    mean, ci = stat["mean"], stat["ci95"]
+    if mean is None or ci is None or not math.isfinite(mean) or not math.isfinite(ci):
+        return "not finite"
+    return f"{mean * scale:.{digits}f}{unit} +- {ci * scale:.{digits}f}"
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A small table: the query metric after 0, 1, the training number and the maximum of adaptation steps."""
     results = summary["results"]
@@ -135,18 +148,17 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  {'model':<12}" + "".join(f"{'k=' + str(s):>18}" for s in steps))
     for name, res in results.items():
         cells = [res["over_tasks"][s] for s in steps]
-        lines.append(
-            f"  {name:<12}"
-            + "".join(
-                f"{c['mean'] * scale:.{digits}f}{unit} +- {c['ci95'] * scale:.{digits}f}".rjust(18) for c in cells
-            )
-        )
+        lines.append(f"  {name:<12}" + "".join(_cell(c, scale, unit, digits).rjust(18) for c in cells))
     if summary.get("privacy"):
         p = summary["privacy"]
         lines.append(
-            f"  privacy: {p['mode']} DP, epsilon {p['epsilon']:.3g} at delta {p['delta']:.3g} after "
+            f"  privacy: {p['mode']} DP, epsilon {_number(p['epsilon'])} at delta {p['delta']:.3g} after "
             f"{p['private_rounds']} rounds (noise multiplier {p['noise_multiplier']:g})"
-            + (f"; the FedAvg baseline's run spent epsilon {p['fedavg_epsilon']:.3g}" if "fedavg_epsilon" in p else "")
+            + (
+                f"; the FedAvg baseline's run spent epsilon {_number(p['fedavg_epsilon'])}"
+                if "fedavg_epsilon" in p
+                else ""
+            )
         )
     best = "higher" if metric == "accuracy" else "lower"
     lines.append(

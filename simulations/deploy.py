@@ -231,7 +231,9 @@ def register_connection(name: str, *, address: str, insecure: bool, root_certifi
     if root_certificates is not None:
         entry["root-certificates"] = str(root_certificates)
     superlink[name] = entry
-    path.write_bytes(tomli_w.dumps(config).encode())
+    text = tomli_w.dumps(config).encode()
+    if not path.is_file() or path.read_bytes() != text:  # rewrite only what changed
+        path.write_bytes(text)
     return path
 
 

@@ -99,10 +99,20 @@ def test_deployed_run_completes_and_equals_the_in_process_loop(deployment, tmp_p
 
 
 def test_a_failed_run_is_reported_as_failed(deployment, tmp_path: Path) -> None:
-    result = fedmeta_run(deployment, ["inner.inner_lr=-1.0", f'server.out_dir="{tmp_path}"'])
+    # A valid config (a bad one is refused before submission) that fails on the server: too few nodes.
+    failing = ["server.min_nodes=99", "server.discovery_timeout=1.0", f'server.out_dir="{tmp_path}"']
+    result = fedmeta_run(deployment, failing)
 
     assert result.returncode == 1
     assert "finished:failed" in result.stdout
+
+
+def test_a_bad_run_config_is_refused_before_submission(deployment, tmp_path: Path) -> None:
+    result = fedmeta_run(deployment, ["inner.inner_lr=-1.0", f'server.out_dir="{tmp_path}"'])
+
+    assert result.returncode == 2
+    assert "fedmeta: error: bad run config: inner_lr must be a positive finite number, got -1.0" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_a_deployed_secagg_run_matches_the_in_process_loop_within_quantisation(deployment, tmp_path: Path) -> None:

@@ -52,3 +52,14 @@ def test_resume_refuses_a_checkpoint_from_another_run(tmp_path: Path) -> None:
     # Its own checkpoint resumes (nothing left to do: the run is complete) and keeps the run id.
     again = simulate(config, tmp_path / "a", progress=False, resume=True)
     assert again["run_id"] == read_jsonl(tmp_path / "a" / "metrics.jsonl")[0]["run_id"]
+
+
+def test_the_printed_summary_of_a_diverged_run_says_so(tmp_path: Path) -> None:
+    # summary.json keeps non-finite values as null; the table printed from it says "not finite".
+    from fedmeta.evaluation import format_summary
+
+    config = small(**{"federation.rounds": 2, "outer.optimizer": "sgd", "outer.outer_lr": 1e30})
+    simulate(config, tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["results"]["meta"]["over_tasks"][-1]["mean"] is None
+    assert "not finite" in format_summary(on_disk).splitlines()[2]
