@@ -49,7 +49,7 @@ def test_secure_commands_carry_flowers_tls_and_auth_options(tmp_path: Path) -> N
     ("item", "message"),
     [
         ("federation.roundz=5", "unknown run-config key 'federation.roundz'; known keys here: federation.client_"),
-        ("server.out_dir=runs/x", 'the value of server.out_dir (runs/x) is not a TOML value; strings need quotes'),
+        ("server.out_dir=runs/x", "the value of server.out_dir (runs/x) is not a TOML value; strings need quotes"),
         ('federation.rounds="ten"', "bad run config: rounds must be a positive integer, got 'ten'"),
         ("server.min_replies=-1", "bad run config: server.min_replies must be a non-negative integer, got -1"),
         ("federation.rounds", "--run-config 'federation.rounds' is not KEY=VALUE"),
