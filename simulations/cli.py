@@ -289,7 +289,7 @@ def _deploy(args: argparse.Namespace) -> int:
     print(f"fedmeta: running {deploy.show(deploy.run_command(args.connection, run_config))}", file=sys.stderr)
     run_id, status = deploy.submit_and_wait(args.connection, run_config, address=args.superlink, timeout=args.timeout)
     print(f"fedmeta: run {run_id} {status}")
-    return 0 if status == "finished:completed" else 1
+    return 0 if status.startswith("finished:completed") else 1
 
 
 def _progress(args: argparse.Namespace) -> bool:

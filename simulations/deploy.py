@@ -11,12 +11,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
+from typing import IO
 
 import tomli_w
 
@@ -247,7 +250,8 @@ def run_command(connection: str, run_config: list[str], *, stream: bool = True) 
 
 
 def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
-    """The run's status string as the SuperLink reports it, e.g. 'finished:completed' or 'finished:failed'."""
+    """The run's status string as the SuperLink reports it, e.g. 'finished:completed' or 'finished:failed',
+    followed by ': <the reason>' when the SuperLink gives one (the ServerApp's exception, in one line)."""
     out = subprocess.run(
         ["flwr", "ls", connection, "--run-id", str(run_id), "--format", "json"],
         env=env,
@@ -258,7 +262,8 @@ def run_status(connection: str, run_id: int, env: dict[str, str]) -> str:
     runs = json.loads(out).get("runs", [])
     if not runs:
         raise RuntimeError(f"the SuperLink knows no run {run_id}")
-    return str(runs[0]["status"])
+    details = " ".join(str(runs[0].get("status-details") or "").split())
+    return f"{runs[0]['status']}: {details}" if details else str(runs[0]["status"])
 
 
 def submit_and_wait(
@@ -286,7 +291,16 @@ def submit_and_wait(
         raise DeployError(
             f"the SuperLink {address or connection} did not start the run: {_reason(submitted)}"
         ) from None
-    logs = subprocess.Popen(["flwr", "log", str(run_id), connection, "--stream"], env=env)
+    logs = subprocess.Popen(
+        ["flwr", "log", str(run_id), connection, "--stream"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+    relay = threading.Thread(target=_relay, args=(logs.stdout, sys.stdout), daemon=True)
+    relay.start()
     deadline = time.monotonic() + timeout
     status = run_status(connection, run_id, env)
     wait = 1.0
@@ -296,7 +310,31 @@ def submit_and_wait(
         status = run_status(connection, run_id, env)
     logs.terminate()
     logs.wait(timeout=10)
+    relay.join(timeout=5)
     return run_id, status
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def log_line(line: str, *, terminal: bool) -> str | None:
+    """A line of the run's streamed log as `fedmeta run` shows it: as is on a terminal; in a file or pipe
+    without colour codes and without Flower's DEBUG lines (None: drop it)."""
+    if terminal:
+        return line
+    plain = ANSI.sub("", line)
+    return None if plain.lstrip().startswith("DEBUG") else plain
+
+
+def _relay(source: IO[str] | None, sink: IO[str]) -> None:
+    if source is None:
+        return
+    terminal = sink.isatty()
+    for line in source:
+        shown = log_line(line, terminal=terminal)
+        if shown is not None:
+            sink.write(shown)
+            sink.flush()
 
 
 def _reason(result: subprocess.CompletedProcess) -> str:

@@ -103,3 +103,10 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys, simulations.cli as c; c.build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_the_streamed_run_log_is_plain_text_outside_a_terminal() -> None:
+    coloured = "\x1b[92mINFO \x1b[0m:      round 1/20\n"
+    assert deploy.log_line(coloured, terminal=False) == "INFO :      round 1/20\n"
+    assert deploy.log_line("\x1b[94mDEBUG \x1b[0m: Pulling messages\n", terminal=False) is None
+    assert deploy.log_line(coloured, terminal=True) == coloured
