@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The registry's names (fedmeta.algorithms.ALGORITHMS, checked equal by a test), here without importing torch.
-ALGORITHM_NAMES = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet")
+ALGORITHM_NAMES = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet", "matching")
+# Metric-based methods: classification only, an embedding model evaluated at any number of ways.
+EMBEDDING_ALGORITHMS = ("protonet", "matching")
 BASELINE_NAMES = ("fedavg",)
 DATASETS = ("sinusoid", "omniglot")
 OPTIMIZERS = ("sgd", "adam")
@@ -539,10 +541,10 @@ class RunConfig:
             self.algorithm in ALGORITHM_NAMES or self.algorithm in BASELINE_NAMES,
             f"algorithm must be one of {sorted(ALGORITHM_NAMES)}, got {self.algorithm!r}",
         )
-        if self.algorithm == "protonet":
+        if self.algorithm in EMBEDDING_ALGORITHMS:
             _require(
                 self.data.dataset != "sinusoid",
-                "protonet is a classification method; it cannot run on the sinusoid regression family",
+                f"{self.algorithm} is a classification method; it cannot run on the sinusoid regression family",
             )
         if self.maml.enabled:
             _require(

@@ -12,7 +12,7 @@ from typing import TypedDict
 
 import torch
 
-from fedmeta.algorithms import Algorithm, build_algorithm
+from fedmeta.algorithms import ALGORITHMS, Algorithm, build_algorithm
 from fedmeta.algorithms.maml import MamlPlusPlus
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.functional import InnerOptimizer
@@ -345,7 +345,7 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
     name = config.algorithm
     if kind == "regression":
         out: int | None = 1
-    elif name == "protonet":
+    elif name in ALGORITHMS and ALGORITHMS[name].embedding_only:
         out = None  # an embedding, no head
     elif name == "fedavg":
         if num_global_outputs is None:

@@ -38,7 +38,7 @@ def evaluate_checkpoint(
     if head is not None and task_kind(config.data.dataset) == "classification" and head.shape[0] != config.episode.ways:
         raise ConfigError(
             f"this {config.algorithm} model has a {head.shape[0]}-way head; evaluate it with "
-            f"--ways {head.shape[0]} (only protonet evaluates at any number of ways)"
+            f"--ways {head.shape[0]} (only metric-based methods - protonet, matching - evaluate at any number of ways)"
         )
     apply_threads(config)
     transport = InProcess(progress=progress)

@@ -8,11 +8,14 @@ from torch import nn
 
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
+from fedmeta.algorithms.matching import MatchingNet
 from fedmeta.algorithms.meta_sgd import MetaSGD
 from fedmeta.algorithms.protonet import ProtoNet
 from fedmeta.algorithms.reptile import FedAvg, Reptile
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet)
+}
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
 
@@ -31,6 +34,7 @@ __all__ = [
     "ANIL",
     "FOMAML",
     "MAML",
+    "MatchingNet",
     "Algorithm",
     "FedAvg",
     "MetaSGD",

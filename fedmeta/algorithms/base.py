@@ -45,6 +45,8 @@ class Algorithm(ABC):
     data_kind: ClassVar[str] = "episodes"
     # The random stream a client's local data is drawn from (`fedmeta.tasks.task_rng`).
     data_stream: ClassVar[str] = "meta-data"
+    # Metric-based methods learn an embedding: the model has no classification head.
+    embedding_only: ClassVar[bool] = False
 
     def __init__(
         self,

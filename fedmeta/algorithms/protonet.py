@@ -32,6 +32,7 @@ def prototype_logits(support_emb: Tensor, support_y: Tensor, query_emb: Tensor, 
 
 class ProtoNet(Algorithm):
     name = "protonet"
+    embedding_only = True  # the model is an embedding: no classification head
 
     def _logits(self, params: Params, task: Task) -> Tensor:
         ways = int(task.support_y.max()) + 1

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
+from fedmeta.algorithms.matching import MatchingNet, matching_log_probs
 from fedmeta.algorithms.protonet import prototype_logits
 from fedmeta.models import SinusoidMLP, init_params
 from fedmeta.types import Task
@@ -275,6 +276,55 @@ def test_protonet_direction_is_the_query_cross_entropy_gradient(engine: str) -> 
 
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
     assert metrics["query_loss"] == pytest.approx(loss_of(params))
+
+
+def _matching_reference(support: np.ndarray, labels: np.ndarray, query: np.ndarray, ways: int) -> np.ndarray:
+    """Vinyals et al. eq. 1-2 written out: a(x, x_i) = exp(cos) / sum_j exp(cos_j); P(c) = sum_i a_i [y_i = c]."""
+    probs = np.zeros((len(query), ways))
+    for q, x in enumerate(query):
+        cos = np.array([x @ s / (np.linalg.norm(x) * np.linalg.norm(s)) for s in support])
+        attention = np.exp(cos) / np.exp(cos).sum()
+        for a, y in zip(attention, labels, strict=True):
+            probs[q, y] += a
+    return np.log(probs)
+
+
+def test_matching_attention_and_log_probabilities_match_a_hand_computation() -> None:
+    rng = np.random.default_rng(12)
+    support, query = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
+    labels = np.array([0, 1, 2, 0, 1, 2])
+
+    log_probs = matching_log_probs(torch.from_numpy(support), torch.from_numpy(labels), torch.from_numpy(query), 3)
+
+    np.testing.assert_allclose(log_probs.numpy(), _matching_reference(support, labels, query, 3), rtol=1e-10)
+    np.testing.assert_allclose(log_probs.exp().sum(-1).numpy(), 1.0, rtol=1e-12)
+
+
+def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
+    model = nn.Linear(3, 4)
+    algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    params = to_double(init_params(model, torch.Generator().manual_seed(13)))
+    rng = np.random.default_rng(13)
+    task = Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+
+    if engine == "reference":
+        direction, metrics = algo.task_direction(params, task)
+    else:
+        update = algo.client_update(params, [task])
+        direction, metrics = update.direction, update.metrics
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
+        log_probs = _matching_reference(emb(task.support_x), task.support_y.numpy(), emb(task.query_x), 2)
+        return float(-log_probs[np.arange(6), task.query_y.numpy()].mean())
+
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
 
 
 def test_client_update_averages_task_directions() -> None:

@@ -34,14 +34,14 @@ def image_tasks(count: int, seed: int, *, image: int = 28, dtype: torch.dtype = 
 
 
 def build(name: str, model: nn.Module, *, kind: str, batched: bool, task_chunk: int = 0, **kw: object) -> Algorithm:
-    steps = 0 if name == "protonet" else 2
+    steps = 0 if ALGORITHMS[name].embedding_only else 2
     return ALGORITHMS[name](
         model, kind=kind, inner_lr=0.1, inner_steps=steps, batched=batched, task_chunk=task_chunk, **kw
     )
 
 
 def conv_model(name: str, downsample: str = "stride") -> nn.Module:
-    return Conv4(None if name == "protonet" else WAYS, channels=4, downsample=downsample)
+    return Conv4(None if ALGORITHMS[name].embedding_only else WAYS, channels=4, downsample=downsample)
 
 
 def assert_updates_equal(a, b, atol: float = 1e-10) -> None:
