@@ -12,9 +12,10 @@ from fedmeta.algorithms.matching import MatchingNet
 from fedmeta.algorithms.meta_sgd import MetaSGD
 from fedmeta.algorithms.protonet import ProtoNet
 from fedmeta.algorithms.reptile import FedAvg, Reptile
+from fedmeta.algorithms.siamese import Siamese
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet)
+    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese)
 }
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
@@ -40,5 +41,6 @@ __all__ = [
     "MetaSGD",
     "ProtoNet",
     "Reptile",
+    "Siamese",
     "build_algorithm",
 ]

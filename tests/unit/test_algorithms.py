@@ -11,6 +11,7 @@ from torch import nn
 from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
 from fedmeta.algorithms.matching import MatchingNet, matching_log_probs
 from fedmeta.algorithms.protonet import prototype_logits
+from fedmeta.algorithms.siamese import Siamese, class_logits, pair_logits, verification_loss
 from fedmeta.models import SinusoidMLP, init_params
 from fedmeta.types import Task
 from tests.conftest import double_task, to_double
@@ -323,6 +324,67 @@ def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
         log_probs = _matching_reference(emb(task.support_x), task.support_y.numpy(), emb(task.query_x), 2)
         return float(-log_probs[np.arange(6), task.query_y.numpy()].mean())
 
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+
+
+def _siamese_reference(query, support, query_y, support_y, alpha, bias, ways):
+    """Koch et al.'s pair score written out, pair by pair: (balanced BCE, class logits = best pair per class)."""
+    scores = np.array([[np.sum(alpha * np.abs(q - s)) + bias for s in support] for q in query])
+    same = query_y[:, None] == support_y[None, :]
+    bce = np.logaddexp(0, scores) - same * scores  # -[y log sigmoid(s) + (1 - y) log(1 - sigmoid(s))]
+    loss = (bce[same].mean() + bce[~same].mean()) / 2
+    best = np.array([[scores[q, support_y == c].max() for c in range(ways)] for q in range(len(query))])
+    return loss, best
+
+
+def test_siamese_scores_loss_and_one_shot_choice_match_a_hand_computation() -> None:
+    rng = np.random.default_rng(14)
+    query, support = rng.normal(size=(5, 4)), rng.normal(size=(6, 4))
+    query_y, support_y = np.array([0, 1, 2, 0, 2]), np.array([0, 1, 2, 0, 1, 2])
+    alpha, bias = rng.normal(size=4), 0.3
+    loss, best = _siamese_reference(query, support, query_y, support_y, alpha, bias, 3)
+
+    logits = pair_logits(
+        torch.from_numpy(query),
+        torch.from_numpy(support),
+        torch.from_numpy(alpha),
+        torch.tensor(bias, dtype=torch.float64),
+    )
+    got = verification_loss(logits, torch.from_numpy(query_y), torch.from_numpy(support_y))
+
+    assert float(got) == pytest.approx(loss, rel=1e-12)
+    np.testing.assert_allclose(class_logits(logits, torch.from_numpy(support_y), 3).numpy(), best, rtol=1e-12)
+
+
+def test_siamese_direction_is_the_verification_loss_gradient(engine: str) -> None:
+    model = nn.Linear(3, 4)
+    algo = Siamese(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(15)))
+    params["siamese.alpha"] = torch.tensor([0.5, -1.0, 0.25, -0.3], dtype=torch.float64)
+    rng = np.random.default_rng(15)
+    task = Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+
+    if engine == "reference":
+        direction, metrics = algo.task_direction(params, task)
+    else:
+        update = algo.client_update(params, [task])
+        direction, metrics = update.direction, update.metrics
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
+        loss, _ = _siamese_reference(
+            emb(task.query_x), emb(task.support_x), task.query_y.numpy(), task.support_y.numpy(),
+            p["siamese.alpha"].numpy(), float(p["siamese.bias"]), 2,
+        )  # fmt: skip
+        return float(loss)
+
+    assert direction.keys() == params.keys()
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
     assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
 
