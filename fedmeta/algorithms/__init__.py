@@ -11,11 +11,12 @@ from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
 from fedmeta.algorithms.matching import MatchingNet
 from fedmeta.algorithms.meta_sgd import MetaSGD
 from fedmeta.algorithms.protonet import ProtoNet
+from fedmeta.algorithms.relation import RelationNet
 from fedmeta.algorithms.reptile import FedAvg, Reptile
 from fedmeta.algorithms.siamese import Siamese
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese)
+    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese, RelationNet)
 }
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
@@ -40,6 +41,7 @@ __all__ = [
     "FedAvg",
     "MetaSGD",
     "ProtoNet",
+    "RelationNet",
     "Reptile",
     "Siamese",
     "build_algorithm",

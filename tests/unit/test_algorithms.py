@@ -11,6 +11,7 @@ from torch import nn
 from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
 from fedmeta.algorithms.matching import MatchingNet, matching_log_probs
 from fedmeta.algorithms.protonet import prototype_logits
+from fedmeta.algorithms.relation import RelationNet, relation_loss, relation_scores
 from fedmeta.algorithms.siamese import Siamese, class_logits, pair_logits, verification_loss
 from fedmeta.models import SinusoidMLP, init_params
 from fedmeta.types import Task
@@ -383,6 +384,69 @@ def test_siamese_direction_is_the_verification_loss_gradient(engine: str) -> Non
             p["siamese.alpha"].numpy(), float(p["siamese.bias"]), 2,
         )  # fmt: skip
         return float(loss)
+
+    assert direction.keys() == params.keys()
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+
+
+def _relation_reference(query, support, support_y, ways, module):
+    """Sung et al.'s relation score written out, query by query and class by class."""
+    w0, b0, w1, b1 = (module[f"relation.{k}"] for k in ("0.weight", "0.bias", "1.weight", "1.bias"))
+    scores = np.zeros((len(query), ways))
+    for q, x in enumerate(query):
+        for c in range(ways):
+            pair = np.concatenate([x, support[support_y == c].sum(axis=0)])
+            hidden = np.maximum(w0 @ pair + b0, 0)
+            scores[q, c] = 1 / (1 + np.exp(-(w1 @ hidden + b1)[0]))
+    return scores
+
+
+def test_relation_scores_and_loss_match_a_hand_computation() -> None:
+    rng = np.random.default_rng(16)
+    query, support = rng.normal(size=(5, 4)), rng.normal(size=(6, 4))
+    support_y, query_y = np.array([0, 1, 2, 0, 1, 2]), np.array([2, 0, 1, 1, 0])
+    module = {
+        "relation.0.weight": rng.normal(size=(8, 8)),
+        "relation.0.bias": rng.normal(size=8),
+        "relation.1.weight": rng.normal(size=(1, 8)),
+        "relation.1.bias": rng.normal(size=1),
+    }
+    expected = _relation_reference(query, support, support_y, 3, module)
+
+    scores = relation_scores(
+        torch.from_numpy(query), torch.from_numpy(support), torch.from_numpy(support_y), 3,
+        {k: torch.from_numpy(v) for k, v in module.items()},
+    )  # fmt: skip
+
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-12)
+    mse = ((expected - np.eye(3)[query_y]) ** 2).mean()
+    assert float(relation_loss(scores, torch.from_numpy(query_y))) == pytest.approx(mse, rel=1e-12)
+
+
+def test_relation_direction_is_the_mse_gradient(engine: str) -> None:
+    model = nn.Linear(3, 4)
+    algo = RelationNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(17)))
+    rng = np.random.default_rng(17)
+    task = Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+
+    if engine == "reference":
+        direction, metrics = algo.task_direction(params, task)
+    else:
+        update = algo.client_update(params, [task])
+        direction, metrics = update.direction, update.metrics
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
+        module = {k: v.numpy() for k, v in p.items() if k.startswith("relation.")}
+        scores = _relation_reference(emb(task.query_x), emb(task.support_x), task.support_y.numpy(), 2, module)
+        return float(((scores - np.eye(2)[task.query_y.numpy()]) ** 2).mean())
 
     assert direction.keys() == params.keys()
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
