@@ -12,7 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # The registry's names (fedmeta.algorithms.ALGORITHMS, checked equal by a test), here without importing torch.
-ALGORITHM_NAMES = ("maml", "fomaml", "anil", "metasgd", "reptile", "protonet", "matching", "siamese", "relation")
+ALGORITHM_NAMES = (
+    "maml",
+    "fomaml",
+    "anil",
+    "metasgd",
+    "reptile",
+    "protonet",
+    "matching",
+    "siamese",
+    "relation",
+    "metalstm",
+)
 # Metric-based methods: classification only, an embedding model evaluated at any number of ways.
 EMBEDDING_ALGORITHMS = ("protonet", "matching", "siamese", "relation")
 BASELINE_NAMES = ("fedavg",)

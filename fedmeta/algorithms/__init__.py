@@ -9,6 +9,7 @@ from torch import nn
 from fedmeta.algorithms.base import Algorithm
 from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
 from fedmeta.algorithms.matching import MatchingNet
+from fedmeta.algorithms.meta_lstm import MetaLSTM
 from fedmeta.algorithms.meta_sgd import MetaSGD
 from fedmeta.algorithms.protonet import ProtoNet
 from fedmeta.algorithms.relation import RelationNet
@@ -16,7 +17,8 @@ from fedmeta.algorithms.reptile import FedAvg, Reptile
 from fedmeta.algorithms.siamese import Siamese
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese, RelationNet)
+    cls.name: cls
+    for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese, RelationNet, MetaLSTM)
 }
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
@@ -37,6 +39,7 @@ __all__ = [
     "FOMAML",
     "MAML",
     "MatchingNet",
+    "MetaLSTM",
     "Algorithm",
     "FedAvg",
     "MetaSGD",

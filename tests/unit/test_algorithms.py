@@ -10,6 +10,7 @@ from torch import nn
 
 from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
 from fedmeta.algorithms.matching import MatchingNet, matching_log_probs
+from fedmeta.algorithms.meta_lstm import MetaLSTM, lstm_step
 from fedmeta.algorithms.protonet import prototype_logits
 from fedmeta.algorithms.relation import RelationNet, relation_loss, relation_scores
 from fedmeta.algorithms.siamese import Siamese, class_logits, pair_logits, verification_loss
@@ -451,6 +452,108 @@ def test_relation_direction_is_the_mse_gradient(engine: str) -> None:
     assert direction.keys() == params.keys()
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
     assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+
+
+def _hand_preprocess(x: np.ndarray) -> np.ndarray:
+    big = np.abs(x) >= np.exp(-10.0)
+    first = np.where(big, np.log(np.maximum(np.abs(x), np.exp(-10.0))) / 10.0, -1.0)
+    return np.stack([first, np.where(big, np.sign(x), np.exp(10.0) * x)], axis=-1)
+
+
+def test_one_meta_lstm_step_matches_the_papers_cell_update() -> None:
+    rng = np.random.default_rng(18)
+    weight, gradient = rng.normal(size=(3, 2)), rng.normal(size=(3, 2)) * np.array([1.0, 1e-6])
+    i_prev, f_prev, loss = rng.uniform(size=(3, 2)), rng.uniform(size=(3, 2)), 0.7
+    w_i, w_f, b_i, b_f = rng.normal(size=6), rng.normal(size=6), -2.0, 3.0
+    inputs = np.concatenate(
+        [_hand_preprocess(gradient), np.broadcast_to(_hand_preprocess(np.array(loss)), (3, 2, 2))], -1
+    )
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    i_t = sigmoid(inputs @ w_i[:4] + w_i[4] * weight + w_i[5] * i_prev + b_i)
+    f_t = sigmoid(inputs @ w_f[:4] + w_f[4] * weight + w_f[5] * f_prev + b_f)
+    expected = f_t * weight - i_t * gradient  # c_t = f_t * c_{t-1} - i_t * grad
+
+    gates = {"metalstm.w_i": w_i, "metalstm.w_f": w_f, "metalstm.b_i": np.array(b_i), "metalstm.b_f": np.array(b_f)}
+    t = torch.from_numpy
+    c, i, f = lstm_step(t(weight), t(gradient), torch.tensor(loss, dtype=torch.float64), t(i_prev), t(f_prev),
+                        {k: t(v) for k, v in gates.items()})  # fmt: skip
+
+    np.testing.assert_allclose(c.numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(i.numpy(), i_t, rtol=1e-12)
+    np.testing.assert_allclose(f.numpy(), f_t, rtol=1e-12)
+
+
+def test_meta_lstm_meta_gradient_treats_gradients_and_losses_as_inputs(engine: str) -> None:
+    model = nn.Linear(3, 2)
+    algo = MetaLSTM(model, kind="classification", inner_lr=0.1, inner_steps=2)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(19)))
+    params["metalstm.w_i"] = torch.tensor([0.1, -0.2, 0.05, 0.3, -0.1, 0.2], dtype=torch.float64)
+    params["metalstm.w_f"] = torch.tensor([-0.1, 0.1, 0.2, -0.05, 0.1, 0.3], dtype=torch.float64)
+    rng = np.random.default_rng(19)
+    task = Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+    sigmoid = torch.sigmoid
+
+    def unroll(p, inputs=None):
+        """The two steps written out; with `inputs`, the gradients and losses are those constants."""
+        w = {"weight": p["weight"], "bias": p["bias"]}
+        i_prev = {k: sigmoid(p["metalstm.b_i"]) + 0 * v for k, v in w.items()}
+        f_prev = {k: sigmoid(p["metalstm.b_f"]) + 0 * v for k, v in w.items()}
+        seen = []
+        for step in range(2):
+            if inputs is None:
+                leaf = {k: v.detach().requires_grad_() for k, v in w.items()}
+                loss = torch.nn.functional.cross_entropy(
+                    task.support_x @ leaf["weight"].T + leaf["bias"], task.support_y
+                )
+                grads = dict(zip(leaf, torch.autograd.grad(loss, list(leaf.values())), strict=True))
+                seen.append((grads, loss.detach()))
+            grads, loss = seen[step] if inputs is None else inputs[step]
+            new = {}
+            for k in w:
+                g = grads[k].numpy()
+                x = torch.from_numpy(
+                    np.concatenate(
+                        [_hand_preprocess(g), np.broadcast_to(_hand_preprocess(loss.numpy()), (*g.shape, 2))], -1
+                    )
+                )
+                i_t = sigmoid(
+                    x @ p["metalstm.w_i"][:4]
+                    + p["metalstm.w_i"][4] * w[k]
+                    + p["metalstm.w_i"][5] * i_prev[k]
+                    + p["metalstm.b_i"]
+                )
+                f_t = sigmoid(
+                    x @ p["metalstm.w_f"][:4]
+                    + p["metalstm.w_f"][4] * w[k]
+                    + p["metalstm.w_f"][5] * f_prev[k]
+                    + p["metalstm.b_f"]
+                )
+                new[k] = f_t * w[k] - i_t * grads[k]
+                i_prev[k], f_prev[k] = i_t, f_t
+            w = new
+        return w, seen
+
+    _, inputs = unroll(params)  # the gradients and losses at the meta-parameters being differentiated
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        w, _ = unroll(p, inputs)
+        return float(torch.nn.functional.cross_entropy(task.query_x @ w["weight"].T + w["bias"], task.query_y))
+
+    if engine == "reference":
+        direction, metrics = algo.task_direction(params, task)
+    else:
+        update = algo.client_update(params, [task])
+        direction, metrics = update.direction, update.metrics
+
+    assert direction.keys() == params.keys()
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+    assert float(direction["metalstm.w_i"].abs().sum()) > 0 and float(direction["metalstm.b_f"].abs()) > 0
 
 
 def test_client_update_averages_task_directions() -> None:
