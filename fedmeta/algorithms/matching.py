@@ -10,17 +10,11 @@ cross-entropy of the log-probabilities, which sum to one). Like ProtoNet, evalua
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
-from torch.func import grad
 
-from fedmeta import batched
-from fedmeta.algorithms.base import Algorithm
-from fedmeta.batched import TaskBatch
-from fedmeta.functional import forward
-from fedmeta.types import Params, Task
+from fedmeta.algorithms.metric import MetricBased
+from fedmeta.types import Params
 
 EPS = 1e-8  # in the cosine's norms, and under the log of a class probability
 
@@ -35,49 +29,9 @@ def matching_log_probs(support_emb: Tensor, support_y: Tensor, query_emb: Tensor
     return (attention @ one_hot).clamp_min(EPS).log()
 
 
-class MatchingNet(Algorithm):
+class MatchingNet(MetricBased):
     name = "matching"
-    embedding_only = True  # the model is an embedding: no classification head
 
-    def _log_probs(self, params: Params, task: Task) -> Tensor:
-        ways = int(task.support_y.max()) + 1
-        support_emb = forward(self.model, params, task.support_x)
-        query_emb = forward(self.model, params, task.query_x)
-        return matching_log_probs(support_emb, task.support_y, query_emb, ways)
-
-    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            log_probs = self._log_probs(p, task)
-            loss = self.loss_fn(log_probs, task.query_y)  # cross-entropy of log-probabilities: their NLL
-            return loss, (loss.detach(), log_probs.detach())
-
-        meta_grad, (loss, log_probs) = grad(query_loss, has_aux=True)(params)
-        return meta_grad, self._metrics(loss, log_probs, task.query_y)
-
-    def _batch_log_probs(self, params: Params, batch: TaskBatch) -> Tensor:
-        ways = int(batch.support_y.max()) + 1
-        support_emb = batched.batched_forward(self.model, params, batch.support_x, shared=True)
-        query_emb = batched.batched_forward(self.model, params, batch.query_x, shared=True)
-        return matching_log_probs(
-            batched.at_least_fp32(support_emb), batch.support_y, batched.at_least_fp32(query_emb), ways
-        )
-
-    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            log_probs = self._batch_log_probs(p, batch)
-            losses = batched.task_losses(self.kind, log_probs, batch.query_y)
-            return losses.sum(), (losses.detach(), log_probs.detach())
-
-        direction, (losses, log_probs) = grad(query_loss, has_aux=True)(params)
-        return direction, self._batch_metrics(losses, log_probs, batch.query_y)
-
-    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
-        with torch.no_grad():
-            log_probs = self._batch_log_probs(params, batch)
-        for _ in range(steps + 1):
-            yield log_probs
-
-    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
-        with torch.no_grad():
-            log_probs = self._log_probs(params, task)
-        return [log_probs] * (steps + 1)
+    def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        # Log-probabilities: their cross-entropy (the default task loss) is the NLL, since they sum to one.
+        return matching_log_probs(support, support_y, query, ways)

@@ -11,18 +11,13 @@ Linear(2F, 8) -> ReLU -> Linear(8, 1) -> sigmoid. No inner loop; evaluation is f
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
-from torch.func import grad
 
-from fedmeta import batched
-from fedmeta.algorithms.base import Algorithm
-from fedmeta.batched import TaskBatch
-from fedmeta.functional import forward
+from fedmeta.algorithms.metric import MetricBased
 from fedmeta.models import init_params
-from fedmeta.types import Params, Task
+from fedmeta.types import Params
 
 PREFIX = "relation."
 HIDDEN = 8  # the paper's relation module: 8 hidden units
@@ -50,15 +45,13 @@ def relation_loss(scores: Tensor, query_y: Tensor) -> Tensor:
     return (scores - target).pow(2).mean((-2, -1))
 
 
-class RelationNet(Algorithm):
+class RelationNet(MetricBased):
     name = "relation"
-    embedding_only = True  # the embedding has no head; the relation module scores pairs
+    head_prefix = PREFIX  # the relation module
 
     def init_params(self, generator: torch.Generator) -> Params:
         weights = init_params(self.model, generator)
-        features = getattr(self.model, "num_features", None) or getattr(self.model, "out_features", None)
-        if features is None:
-            raise ValueError("the relation module needs the embedding size (model.num_features)")
+        features = self.embedding_size()
         dtype = next(iter(weights.values())).dtype
 
         def uniform(fan_in: int, *shape: int) -> Tensor:  # PyTorch's default Linear init, from `generator`
@@ -73,50 +66,8 @@ class RelationNet(Algorithm):
         }
         return {**weights, **module}
 
-    def model_params(self, params: Params) -> Params:
-        return {k: v for k, v in params.items() if not k.startswith(PREFIX)}
+    def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        return relation_scores(query, support, support_y, ways, params)
 
-    def _scores(self, params: Params, task: Task) -> Tensor:
-        ways = int(task.support_y.max()) + 1
-        weights = self.model_params(params)
-        support = forward(self.model, weights, task.support_x)
-        query = forward(self.model, weights, task.query_x)
-        return relation_scores(query, support, task.support_y, ways, params)
-
-    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        def loss_of(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            scores = self._scores(p, task)
-            loss = relation_loss(scores, task.query_y)
-            return loss, (loss.detach(), scores.detach())
-
-        direction, (loss, scores) = grad(loss_of, has_aux=True)(params)
-        return direction, self._metrics(loss, scores, task.query_y)
-
-    def _batch_scores(self, params: Params, batch: TaskBatch) -> Tensor:
-        ways = int(batch.support_y.max()) + 1
-        weights = self.model_params(params)
-        support = batched.batched_forward(self.model, weights, batch.support_x, shared=True)
-        query = batched.batched_forward(self.model, weights, batch.query_x, shared=True)
-        return relation_scores(
-            batched.at_least_fp32(query), batched.at_least_fp32(support), batch.support_y, ways, params
-        )
-
-    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        def loss_of(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            scores = self._batch_scores(p, batch)
-            losses = relation_loss(scores, batch.query_y)
-            return losses.sum(), (losses.detach(), scores.detach())
-
-        direction, (losses, scores) = grad(loss_of, has_aux=True)(params)
-        return direction, self._batch_metrics(losses, scores, batch.query_y)
-
-    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
-        with torch.no_grad():
-            scores = self._batch_scores(params, batch)
-        for _ in range(steps + 1):
-            yield scores
-
-    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
-        with torch.no_grad():
-            scores = self._scores(params, task)
-        return [scores] * (steps + 1)
+    def task_loss(self, scores: Tensor, query_y: Tensor, support_y: Tensor) -> Tensor:
+        return relation_loss(scores, query_y)

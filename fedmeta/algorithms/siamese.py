@@ -11,18 +11,12 @@ a class's logit is the best pair logit among its support examples.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 from torch import Tensor
-from torch.func import grad
 
-from fedmeta import batched
-from fedmeta.algorithms.base import Algorithm
-from fedmeta.batched import TaskBatch
-from fedmeta.functional import forward
+from fedmeta.algorithms.metric import MetricBased
 from fedmeta.models import init_params
-from fedmeta.types import Params, Task
+from fedmeta.types import Params
 
 ALPHA, BIAS = "siamese.alpha", "siamese.bias"
 
@@ -51,69 +45,22 @@ def class_logits(logits: Tensor, support_y: Tensor, ways: int) -> Tensor:
     return masked.amax(-2)
 
 
-class Siamese(Algorithm):
+class Siamese(MetricBased):
     name = "siamese"
-    embedding_only = True  # the twin network is an embedding; the pair scorer is alpha and b
+    head_prefix = "siamese."  # the pair scorer: alpha and b
 
     def init_params(self, generator: torch.Generator) -> Params:
         weights = init_params(self.model, generator)
-        features = getattr(self.model, "num_features", None) or getattr(self.model, "out_features", None)
-        if features is None:
-            raise ValueError("the siamese scorer needs the embedding size (model.num_features)")
         dtype = next(iter(weights.values())).dtype
         # alpha starts negative: a larger distance means "different" before any training.
-        return {
-            **weights,
-            ALPHA: torch.full((features,), -1.0 / features, dtype=dtype),
-            BIAS: torch.ones((), dtype=dtype),
-        }
+        alpha = torch.full((self.embedding_size(),), -1.0 / self.embedding_size(), dtype=dtype)
+        return {**weights, ALPHA: alpha, BIAS: torch.ones((), dtype=dtype)}
 
-    def model_params(self, params: Params) -> Params:
-        return {k: v for k, v in params.items() if k not in (ALPHA, BIAS)}
-
-    def _pairs(self, params: Params, task: Task) -> Tensor:
-        weights = self.model_params(params)
-        support = forward(self.model, weights, task.support_x)
-        query = forward(self.model, weights, task.query_x)
+    def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
         return pair_logits(query, support, params[ALPHA], params[BIAS])
 
-    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        ways = int(task.support_y.max()) + 1
+    def task_loss(self, scores: Tensor, query_y: Tensor, support_y: Tensor) -> Tensor:
+        return verification_loss(scores, query_y, support_y)
 
-        def loss_of(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            logits = self._pairs(p, task)
-            loss = verification_loss(logits, task.query_y, task.support_y)
-            return loss, (loss.detach(), class_logits(logits.detach(), task.support_y, ways))
-
-        direction, (loss, logits) = grad(loss_of, has_aux=True)(params)
-        return direction, self._metrics(loss, logits, task.query_y)
-
-    def _batch_pairs(self, params: Params, batch: TaskBatch) -> Tensor:
-        weights = self.model_params(params)
-        support = batched.batched_forward(self.model, weights, batch.support_x, shared=True)
-        query = batched.batched_forward(self.model, weights, batch.query_x, shared=True)
-        return pair_logits(batched.at_least_fp32(query), batched.at_least_fp32(support), params[ALPHA], params[BIAS])
-
-    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        ways = int(batch.support_y.max()) + 1
-
-        def loss_of(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-            logits = self._batch_pairs(p, batch)
-            losses = verification_loss(logits, batch.query_y, batch.support_y)
-            return losses.sum(), (losses.detach(), class_logits(logits.detach(), batch.support_y, ways))
-
-        direction, (losses, logits) = grad(loss_of, has_aux=True)(params)
-        return direction, self._batch_metrics(losses, logits, batch.query_y)
-
-    def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
-        ways = int(batch.support_y.max()) + 1
-        with torch.no_grad():
-            logits = class_logits(self._batch_pairs(params, batch), batch.support_y, ways)
-        for _ in range(steps + 1):
-            yield logits
-
-    def predict_curve(self, params: Params, task: Task, steps: int) -> list[Tensor]:
-        ways = int(task.support_y.max()) + 1
-        with torch.no_grad():
-            logits = class_logits(self._pairs(params, task), task.support_y, ways)
-        return [logits] * (steps + 1)
+    def class_scores(self, scores: Tensor, support_y: Tensor, ways: int) -> Tensor:
+        return class_logits(scores, support_y, ways)

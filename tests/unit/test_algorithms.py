@@ -242,6 +242,25 @@ def test_anil_adapts_only_the_head_but_updates_everything(engine: str) -> None:
     assert float(meta_grad["body.0.weight"].abs().sum()) > 0
 
 
+def direction_and_metrics(algo, params, task: Task, engine: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The client part on one task through the per-task reference or the batched engine."""
+    if engine == "reference":
+        return algo.task_direction(params, task)
+    update = algo.client_update(params, [task])
+    return update.direction, update.metrics
+
+
+def two_way_task(seed: int) -> Task:
+    """A 2-way task on 3 features: 4 support and 6 query examples (float64)."""
+    rng = np.random.default_rng(seed)
+    return Task(
+        torch.from_numpy(rng.normal(size=(4, 3))),
+        torch.tensor([0, 1, 0, 1]),
+        torch.from_numpy(rng.normal(size=(6, 3))),
+        torch.tensor([0, 1, 1, 0, 1, 0]),
+    )
+
+
 def test_protonet_logits_match_a_hand_computation() -> None:
     rng = np.random.default_rng(9)
     support, query = rng.normal(size=(6, 4)), rng.normal(size=(5, 4))
@@ -258,19 +277,9 @@ def test_protonet_direction_is_the_query_cross_entropy_gradient(engine: str) -> 
     model = nn.Linear(3, 2)
     algo = ProtoNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
     params = to_double(init_params(model, torch.Generator().manual_seed(10)))
-    rng = np.random.default_rng(10)
-    task = Task(
-        torch.from_numpy(rng.normal(size=(4, 3))),
-        torch.tensor([0, 1, 0, 1]),
-        torch.from_numpy(rng.normal(size=(6, 3))),
-        torch.tensor([0, 1, 1, 0, 1, 0]),
-    )
+    task = two_way_task(seed=10)
 
-    if engine == "reference":
-        direction, metrics = algo.task_direction(params, task)
-    else:
-        update = algo.client_update(params, [task])
-        direction, metrics = update.direction, update.metrics
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: x @ p["weight"].T + p["bias"]  # noqa: E731
@@ -307,19 +316,9 @@ def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
     model = nn.Linear(3, 4)
     algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
     params = to_double(init_params(model, torch.Generator().manual_seed(13)))
-    rng = np.random.default_rng(13)
-    task = Task(
-        torch.from_numpy(rng.normal(size=(4, 3))),
-        torch.tensor([0, 1, 0, 1]),
-        torch.from_numpy(rng.normal(size=(6, 3))),
-        torch.tensor([0, 1, 1, 0, 1, 0]),
-    )
+    task = two_way_task(seed=13)
 
-    if engine == "reference":
-        direction, metrics = algo.task_direction(params, task)
-    else:
-        update = algo.client_update(params, [task])
-        direction, metrics = update.direction, update.metrics
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
@@ -364,19 +363,9 @@ def test_siamese_direction_is_the_verification_loss_gradient(engine: str) -> Non
     algo = Siamese(model, kind="classification", inner_lr=0.1, inner_steps=0)
     params = to_double(algo.init_params(torch.Generator().manual_seed(15)))
     params["siamese.alpha"] = torch.tensor([0.5, -1.0, 0.25, -0.3], dtype=torch.float64)
-    rng = np.random.default_rng(15)
-    task = Task(
-        torch.from_numpy(rng.normal(size=(4, 3))),
-        torch.tensor([0, 1, 0, 1]),
-        torch.from_numpy(rng.normal(size=(6, 3))),
-        torch.tensor([0, 1, 1, 0, 1, 0]),
-    )
+    task = two_way_task(seed=15)
 
-    if engine == "reference":
-        direction, metrics = algo.task_direction(params, task)
-    else:
-        update = algo.client_update(params, [task])
-        direction, metrics = update.direction, update.metrics
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
@@ -429,19 +418,9 @@ def test_relation_direction_is_the_mse_gradient(engine: str) -> None:
     model = nn.Linear(3, 4)
     algo = RelationNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
     params = to_double(algo.init_params(torch.Generator().manual_seed(17)))
-    rng = np.random.default_rng(17)
-    task = Task(
-        torch.from_numpy(rng.normal(size=(4, 3))),
-        torch.tensor([0, 1, 0, 1]),
-        torch.from_numpy(rng.normal(size=(6, 3))),
-        torch.tensor([0, 1, 1, 0, 1, 0]),
-    )
+    task = two_way_task(seed=17)
 
-    if engine == "reference":
-        direction, metrics = algo.task_direction(params, task)
-    else:
-        update = algo.client_update(params, [task])
-        direction, metrics = update.direction, update.metrics
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
@@ -489,13 +468,7 @@ def test_meta_lstm_meta_gradient_treats_gradients_and_losses_as_inputs(engine: s
     params = to_double(algo.init_params(torch.Generator().manual_seed(19)))
     params["metalstm.w_i"] = torch.tensor([0.1, -0.2, 0.05, 0.3, -0.1, 0.2], dtype=torch.float64)
     params["metalstm.w_f"] = torch.tensor([-0.1, 0.1, 0.2, -0.05, 0.1, 0.3], dtype=torch.float64)
-    rng = np.random.default_rng(19)
-    task = Task(
-        torch.from_numpy(rng.normal(size=(4, 3))),
-        torch.tensor([0, 1, 0, 1]),
-        torch.from_numpy(rng.normal(size=(6, 3))),
-        torch.tensor([0, 1, 1, 0, 1, 0]),
-    )
+    task = two_way_task(seed=19)
     sigmoid = torch.sigmoid
 
     def unroll(p, inputs=None):
@@ -544,11 +517,7 @@ def test_meta_lstm_meta_gradient_treats_gradients_and_losses_as_inputs(engine: s
         w, _ = unroll(p, inputs)
         return float(torch.nn.functional.cross_entropy(task.query_x @ w["weight"].T + w["bias"], task.query_y))
 
-    if engine == "reference":
-        direction, metrics = algo.task_direction(params, task)
-    else:
-        update = algo.client_update(params, [task])
-        direction, metrics = update.direction, update.metrics
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
 
     assert direction.keys() == params.keys()
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
