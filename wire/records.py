@@ -17,12 +17,19 @@ import wire
 from fedmeta.types import ClientUpdate, Params
 
 
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    # C order, shape kept: np.ascontiguousarray would turn a 0-d parameter (a scalar bias) into shape (1,).
+    return np.require(tensor.detach().cpu().numpy(), requirements="C")
+
+
 def params_to_record(params: Params) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy())) for k, v in sorted(params.items())})
+    return ArrayRecord({k: Array(_to_numpy(v)) for k, v in sorted(params.items())})
 
 
 def record_to_params(record: ArrayRecord) -> Params:
-    return {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in record}
+    # Copied into torch's own allocation (64-byte aligned, like the in-process loop's tensors): some CPU kernels
+    # reduce in an order that depends on a buffer's alignment, and numpy's differs.
+    return {k: torch.tensor(record[k].numpy()) for k in record}
 
 
 def update_to_content(update: ClientUpdate, *, client_id: str) -> RecordDict:
@@ -64,7 +71,7 @@ def get_int(record: Mapping[str, Any], key: str) -> int:
 def update_to_arrays(update: ClientUpdate, clipping_range: float) -> list[np.ndarray]:
     """A client's direction in sorted-name order, then one statistic the secure sum averages for free: the
     fraction of coordinates outside [-R, R], which SecAgg+ clips before quantising (so the server can warn)."""
-    arrays = [np.ascontiguousarray(update.direction[k].detach().cpu().numpy()) for k in sorted(update.direction)]
+    arrays = [_to_numpy(update.direction[k]) for k in sorted(update.direction)]
     entries = sum(a.size for a in arrays)
     outside = sum(int((np.abs(a) > clipping_range).sum()) for a in arrays)
     # Sent as fraction * R, inside the range every coordinate is clipped to.

@@ -55,10 +55,17 @@ def train_message(config: RunConfig, params, round_index: int = 0) -> Message:
 
 
 def test_parameter_records_round_trip_bit_identically() -> None:
-    params = {"b.weight": torch.randn(3, 4), "a": torch.randn(5, dtype=torch.float64), "n": torch.tensor([1, 2])}
+    params = {
+        "b.weight": torch.randn(3, 4),
+        "a": torch.randn(5, dtype=torch.float64),
+        "n": torch.tensor([1, 2]),
+        "scalar": torch.tensor(0.5),  # a 0-d parameter (Siamese's bias) stays 0-d
+        "strided": torch.randn(4, 3).T,  # not contiguous
+    }
     back = record_to_params(params_to_record(params))
     assert back.keys() == params.keys()
     assert all(torch.equal(back[k], params[k]) and back[k].dtype == params[k].dtype for k in params)
+    assert all(back[k].shape == params[k].shape for k in params)
 
 
 def test_update_records_round_trip() -> None:
