@@ -435,6 +435,26 @@ class MamlConfig:
 
 
 @dataclass(frozen=True)
+class MatchingConfig:
+    """Matching Networks' full-context embeddings (Vinyals et al. 2016, sec. 2.1.2) as an option of `matching`."""
+
+    fce: bool = option(
+        False,
+        "full-context embeddings: a bidirectional LSTM over the support set, an attention LSTM for queries",
+        flag="--fce",
+    )
+    fce_steps: int = option(5, "the attention LSTM's processing steps K (with --fce)", flag="--fce-steps")
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.fce, bool), f"matching.fce must be true or false, got {self.fce!r}")
+        _positive_int("matching.fce_steps", self.fce_steps)
+
+    @property
+    def enabled(self) -> bool:
+        return self.fce
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Where and how a client computes its part. None of this changes the maths, only its speed and rounding.
 
@@ -545,6 +565,7 @@ class RunConfig:
     robust: RobustConfig = field(default_factory=RobustConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     maml: MamlConfig = field(default_factory=MamlConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
 
     def __post_init__(self) -> None:
         # A baseline (fedavg) is a run of its own beside a meta-learning run (fedmeta.experiment.fedavg_config).
@@ -561,6 +582,11 @@ class RunConfig:
             _require(
                 self.algorithm == "maml",
                 f"the maml.* options (MAML++) apply to algorithm 'maml', not {self.algorithm!r}",
+            )
+        if self.matching.enabled:
+            _require(
+                self.algorithm == "matching",
+                f"matching.fce (full-context embeddings) applies to algorithm 'matching', not {self.algorithm!r}",
             )
         if self.episode.training_queries == 0:
             _require(
@@ -607,6 +633,7 @@ class RunConfig:
             "robust": RobustConfig,
             "compute": ComputeConfig,
             "maml": MamlConfig,
+            "matching": MatchingConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

@@ -320,7 +320,8 @@ def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
             "outer.outer_lr": 1.0,
             "outer.schedule": "constant",
             "eval.curve_every": 0,
-            **{f"maml.{k}": v for k, v in RunConfig().to_dict()["maml"].items()},
+            # The algorithm-specific options of the meta-learning run do not apply to FedAvg.
+            **{f"{sec}.{k}": v for sec in ("maml", "matching") for k, v in RunConfig().to_dict()[sec].items()},
         }
     )
 
@@ -371,6 +372,8 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
             per_step_bn=m.per_step_bn,
             first_order_rounds=m.first_order_rounds,
         )
+    if name == "matching" and config.matching.fce:
+        compute["fce_steps"] = config.matching.fce_steps
     return build_algorithm(
         name,
         model,

@@ -107,6 +107,14 @@ def forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
     return functional_call(model, params, (x,))
 
 
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of a standard LSTM cell (PyTorch's gate order i, f, g, o) over leading batch dimensions:
+    x (..., in), h and c (..., hidden) -> (h', c'); w_ih (4 hidden, in), w_hh (4 hidden, h's size)."""
+    i, f, g, o = (x @ w_ih.T + h @ w_hh.T + bias).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
 def task_loss(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
     return loss_fn(forward(model, params, x), y)
 

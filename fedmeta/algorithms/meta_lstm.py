@@ -53,8 +53,8 @@ def lstm_step(
     inputs (the caller detaches them)."""
     inputs = torch.cat([preprocess(gradient), preprocess(loss).expand(*gradient.shape, 2)], dim=-1)  # (..., 4)
     w_i, w_f = gates[PREFIX + "w_i"], gates[PREFIX + "w_f"]
-    i_t = torch.sigmoid(inputs @ w_i[:4] + w_i[4] * weight + w_i[5] * i_prev + gates[PREFIX + "b_i"])
-    f_t = torch.sigmoid(inputs @ w_f[:4] + w_f[4] * weight + w_f[5] * f_prev + gates[PREFIX + "b_f"])
+    i_t = torch.sigmoid((inputs * w_i[:4]).sum(-1) + w_i[4] * weight + w_i[5] * i_prev + gates[PREFIX + "b_i"])
+    f_t = torch.sigmoid((inputs * w_f[:4]).sum(-1) + w_f[4] * weight + w_f[5] * f_prev + gates[PREFIX + "b_f"])
     return f_t * weight - i_t * gradient, i_t, f_t
 
 

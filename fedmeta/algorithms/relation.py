@@ -10,13 +10,11 @@ Linear(2F, 8) -> ReLU -> Linear(8, 1) -> sigmoid. No inner loop; evaluation is f
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from fedmeta.algorithms.metric import MetricBased
-from fedmeta.models import init_params
+from fedmeta.models import init_params, uniform_init
 from fedmeta.types import Params
 
 PREFIX = "relation."
@@ -53,17 +51,13 @@ class RelationNet(MetricBased):
         weights = init_params(self.model, generator)
         features = self.embedding_size()
         dtype = next(iter(weights.values())).dtype
-
-        def uniform(fan_in: int, *shape: int) -> Tensor:  # PyTorch's default Linear init, from `generator`
-            bound = 1 / math.sqrt(fan_in)
-            return (torch.rand(*shape, generator=generator, dtype=dtype) * 2 - 1) * bound
-
-        module = {
-            PREFIX + "0.weight": uniform(2 * features, HIDDEN, 2 * features),
-            PREFIX + "0.bias": uniform(2 * features, HIDDEN),
-            PREFIX + "1.weight": uniform(HIDDEN, 1, HIDDEN),
-            PREFIX + "1.bias": uniform(HIDDEN, 1),
+        shapes = {  # name: (fan_in, shape)
+            "0.weight": (2 * features, (HIDDEN, 2 * features)),
+            "0.bias": (2 * features, (HIDDEN,)),
+            "1.weight": (HIDDEN, (1, HIDDEN)),
+            "1.bias": (HIDDEN, (1,)),
         }
+        module = {PREFIX + k: uniform_init(generator, dtype, fan_in, *shape) for k, (fan_in, shape) in shapes.items()}
         return {**weights, **module}
 
     def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:

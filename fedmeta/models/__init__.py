@@ -7,8 +7,10 @@ the MAML and Reptile reference code (transductive), so the model is a pure funct
 
 from __future__ import annotations
 
+import math
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fedmeta.types import Params
 
@@ -89,3 +91,10 @@ def init_params(model: nn.Module, generator: torch.Generator) -> Params:
             if callable(reset) and module is not model:
                 reset()
         return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def uniform_init(generator: torch.Generator, dtype: torch.dtype, fan_in: int, *shape: int) -> Tensor:
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) drawn from `generator`: PyTorch's default for Linear and LSTM
+    weights, for the parameters an algorithm adds beside its model (a relation module, an LSTM)."""
+    bound = 1 / math.sqrt(fan_in)
+    return (torch.rand(*shape, generator=generator, dtype=dtype) * 2 - 1) * bound

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, ProtoNet, Reptile
-from fedmeta.algorithms.matching import MatchingNet, matching_log_probs
+from fedmeta.algorithms.matching import FCE_PREFIX, MatchingNet, matching_log_probs
 from fedmeta.algorithms.meta_lstm import MetaLSTM, lstm_step
 from fedmeta.algorithms.protonet import prototype_logits
 from fedmeta.algorithms.relation import RelationNet, relation_loss, relation_scores
 from fedmeta.algorithms.siamese import Siamese, class_logits, pair_logits, verification_loss
+from fedmeta.config import ConfigError, RunConfig
 from fedmeta.models import SinusoidMLP, init_params
 from fedmeta.types import Task
 from tests.conftest import double_task, to_double
@@ -327,6 +328,85 @@ def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
 
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
     assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+
+
+def _np_lstm_cell(x, h, c, w_ih, w_hh, bias):
+    """An LSTM cell written out (gate order i, f, g, o), one example at a time."""
+    sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+    i, f, g, o = np.split(w_ih @ x + w_hh @ h + bias, 4)
+    c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    return sigmoid(o) * np.tanh(c), c
+
+
+def _fce_reference(support, query, lstms, steps):
+    """Vinyals et al. appendix A.2 written out: g = g' + forward + backward LSTM states over the support set;
+    f = h_K of the attention LSTM, h_k = LSTM(f'(x), [h_{k-1}, r_{k-1}], c_{k-1}) + f'(x), h_0 = c_0 = 0."""
+    count, size = support.shape
+    hidden = {}
+    for name, order in (("support_fwd", range(count)), ("support_bwd", reversed(range(count)))):
+        h = c = np.zeros(size)
+        for i in order:
+            h, c = _np_lstm_cell(support[i], h, c, *lstms[name])
+            hidden[name, i] = h
+    context = np.stack([support[i] + hidden["support_fwd", i] + hidden["support_bwd", i] for i in range(count)])
+    refined = []
+    for x in query:
+        h = c = np.zeros(size)
+        for _ in range(steps):
+            logits = context @ h
+            read = (np.exp(logits) / np.exp(logits).sum()) @ context
+            h, c = _np_lstm_cell(x, np.concatenate([h, read]), c, *lstms["query"])
+            h = h + x
+        refined.append(h)
+    return context, np.stack(refined)
+
+
+def _np_lstms(p: dict[str, torch.Tensor]) -> dict[str, tuple[np.ndarray, ...]]:
+    return {
+        name: tuple(p[f"{FCE_PREFIX}{name}.{k}"].numpy() for k in ("w_ih", "w_hh", "bias"))
+        for name in ("support_fwd", "support_bwd", "query")
+    }
+
+
+def test_matching_full_context_embeddings_match_a_hand_computation() -> None:
+    model = nn.Linear(3, 4)
+    algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0, fce_steps=3)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(18)))
+    rng = np.random.default_rng(18)
+    support, query, labels = rng.normal(size=(6, 4)), rng.normal(size=(5, 4)), np.array([0, 1, 2, 0, 1, 2])
+
+    got = algo.scores(params, torch.from_numpy(query), torch.from_numpy(support), torch.from_numpy(labels), 3)
+
+    context, refined = _fce_reference(support, query, _np_lstms(params), steps=3)
+    np.testing.assert_allclose(got.numpy(), _matching_reference(context, labels, refined, 3), rtol=1e-10)
+    plain = matching_log_probs(torch.from_numpy(support), torch.from_numpy(labels), torch.from_numpy(query), 3)
+    assert not torch.allclose(got, plain)  # the context changed the answer
+
+
+def test_matching_fce_direction_is_the_query_nll_gradient(engine: str) -> None:
+    model = nn.Linear(3, 4)
+    algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0, fce_steps=2)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(19)))
+    task = two_way_task(seed=19)
+
+    direction, metrics = direction_and_metrics(algo, params, task, engine)
+
+    def loss_of(p: dict[str, torch.Tensor]) -> float:
+        emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
+        context, refined = _fce_reference(emb(task.support_x), emb(task.query_x), _np_lstms(p), steps=2)
+        log_probs = _matching_reference(context, task.support_y.numpy(), refined, 2)
+        return float(-log_probs[np.arange(6), task.query_y.numpy()].mean())
+
+    assert direction.keys() == params.keys() and sum(k.startswith(FCE_PREFIX) for k in params) == 9
+    assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
+    assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
+
+
+def test_full_context_embeddings_are_an_option_of_matching_only() -> None:
+    with pytest.raises(ConfigError, match="applies to algorithm 'matching', not 'protonet'"):
+        RunConfig().replace(**{"algorithm": "protonet", "data.dataset": "omniglot", "matching.fce": True})
+    with pytest.raises(ConfigError, match="matching.fce_steps must be a positive integer, got 0"):
+        RunConfig().replace(**{"matching.fce_steps": 0})
 
 
 def _siamese_reference(query, support, query_y, support_y, alpha, bias, ways):
