@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from fedmeta.config import RunConfig
+from fedmeta.config import EMBEDDING_ALGORITHMS, RunConfig
 from fedmeta.evaluation import format_summary
 from simulations.cli import load_preset
 from simulations.inprocess import evaluate_checkpoint, simulate
 
 # Episode shapes evaluated after training: (ways, shots, queries). A head-based model only evaluates at the
-# number of ways it was trained with; ProtoNet evaluates at any.
+# number of ways it was trained with; the metric-based methods (no head) evaluate at any.
 SHAPES = {"5w1s": (5, 1, 15), "5w5s": (5, 5, 15), "20w1s": (20, 1, 5), "20w5s": (20, 5, 5)}
 
 
@@ -45,6 +45,13 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix for run directories and result rows")
     parser.add_argument("--split", choices=["lake", "vinyals"], default="lake", help="Omniglot split (see above)")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train for at most this long")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset value by its dotted key (e.g. outer.schedule=cosine); JSON values, repeatable",
+    )
     parser.add_argument("--eval-tasks", type=int, help="tasks per unseen client (default: preset; vinyals: 1000)")
     parser.add_argument("--out", default="benchmarks/results/omniglot.jsonl")
     args = parser.parse_args()
@@ -58,6 +65,8 @@ def main() -> None:
             config = config.replace(**{"episode.ways": args.ways, "episode.queries": queries})
         if args.time_budget:
             config = config.replace(**{"federation.time_budget": args.time_budget})
+        if args.set:
+            config = config.replace(**dict(_override(item) for item in args.set))
         eval_tasks = args.eval_tasks or (1000 if args.split == "vinyals" else None)
         config = config.replace(**{"data.split": args.split})
         if eval_tasks:
@@ -69,7 +78,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         print(format_summary(summary), flush=True)
         for shape, (ways, shots, queries) in SHAPES.items():
-            if algorithm != "protonet" and ways != config.episode.ways:
+            if algorithm not in EMBEDDING_ALGORITHMS and ways != config.episode.ways:
                 continue
             if (ways, shots, queries) == (config.episode.ways, config.episode.shots, config.episode.queries):
                 result = summary
@@ -106,6 +115,16 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps(row) + "\n")
             print(shape, f"{100 * max(row['accuracy_by_step']):.2f}%", flush=True)
+
+
+def _override(item: str) -> tuple[str, object]:
+    key, sep, raw = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw  # a bare string (outer.schedule=cosine)
 
 
 if __name__ == "__main__":
