@@ -27,7 +27,11 @@ ALGORITHM_NAMES = (
 # Metric-based methods: classification only, an embedding model evaluated at any number of ways.
 EMBEDDING_ALGORITHMS = ("protonet", "matching", "siamese", "relation")
 BASELINE_NAMES = ("fedavg",)
-DATASETS = ("sinusoid", "omniglot")
+DATASETS = ("sinusoid", "omniglot", "femnist")
+# Naturally partitioned datasets, where a task can be a client's own data (episode.client_tasks).
+CLIENT_TASK_DATASETS = ("femnist",)
+# Algorithms that adapt a model over the global label space (client tasks); not the metric-based ones.
+CLIENT_TASK_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "metalstm")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -77,7 +81,10 @@ class DataConfig:
     """Which task family, and how it is split into clients."""
 
     dataset: str = option(
-        "sinusoid", "task family: sinusoid (built in) or omniglot", flag="--dataset", choices=DATASETS
+        "sinusoid",
+        "task family: sinusoid (built in), omniglot, or femnist (LEAF's writers)",
+        flag="--dataset",
+        choices=DATASETS,
     )
     data_dir: str | None = option(
         None, "benchmark data directory (unset: $FEDMETA_DATA_DIR, then ./data)", flag="--data-dir"
@@ -85,7 +92,9 @@ class DataConfig:
     num_train_clients: int = option(
         100, "training clients (sinusoid; omniglot --partition character)", flag="--num-train-clients"
     )
-    num_unseen_clients: int = option(20, "unseen clients, evaluation only (sinusoid)", flag="--num-unseen-clients")
+    num_unseen_clients: int = option(
+        20, "unseen clients, evaluation only (sinusoid; femnist: writers held out)", flag="--num-unseen-clients"
+    )
     client_window: float = option(
         0.3, "sinusoid: each client's window of the amplitude and phase ranges (non-IID), as a fraction"
     )
@@ -107,8 +116,22 @@ class DataConfig:
         choices=OMNIGLOT_SPLITS,
     )
 
+    femnist_variant: str = option(
+        "leaf_niid_sf005",
+        "femnist: the LEAF folder under DATA_DIR/femnist/ (train/ and test/ JSON files)",
+        flag="--femnist-variant",
+    )
+    min_samples: int = option(
+        10, "femnist: writers with fewer samples (train and test pooled) are left out", flag="--min-samples"
+    )
+
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        _positive_int("min_samples", self.min_samples)
+        _require(
+            isinstance(self.femnist_variant, str) and self.femnist_variant.strip() != "",
+            f"femnist_variant must be a folder name, got {self.femnist_variant!r}",
+        )
         _positive_int("num_train_clients", self.num_train_clients)
         _positive_int("num_unseen_clients", self.num_unseen_clients)
         _require(
@@ -148,7 +171,25 @@ class EpisodeConfig:
         flag="--train-queries",
     )
 
+    client_tasks: bool = option(
+        False,
+        "FedMeta's tasks (arXiv:1802.07876): a client's own data split into support and query over the global "
+        "labels, instead of N-way K-shot episodes (femnist)",
+        flag="--client-tasks",
+    )
+    support: float = option(
+        0.2,
+        "--client-tasks: the support part of a client's data, a fraction (< 1) or a count (>= 1)",
+        flag="--support",
+    )
+
     def __post_init__(self) -> None:
+        _require(isinstance(self.client_tasks, bool), f"client_tasks must be true or false, got {self.client_tasks!r}")
+        _positive_float("support", self.support)
+        _require(
+            self.support < 1 or float(self.support).is_integer(),
+            f"support must be a fraction below 1 or a whole count, got {self.support!r}",
+        )
         _positive_int("ways", self.ways)
         _positive_int("shots", self.shots)
         _positive_int("queries", self.queries)
@@ -582,6 +623,17 @@ class RunConfig:
             _require(
                 self.algorithm == "maml",
                 f"the maml.* options (MAML++) apply to algorithm 'maml', not {self.algorithm!r}",
+            )
+        if self.episode.client_tasks:
+            _require(
+                self.data.dataset in CLIENT_TASK_DATASETS,
+                f"episode.client_tasks needs a naturally partitioned dataset {CLIENT_TASK_DATASETS}, "
+                f"not {self.data.dataset!r}",
+            )
+            _require(
+                self.algorithm in CLIENT_TASK_ALGORITHMS or self.algorithm in BASELINE_NAMES,
+                f"episode.client_tasks adapts a model over the global labels: one of {CLIENT_TASK_ALGORITHMS}, "
+                f"not {self.algorithm!r}",
             )
         if self.matching.enabled:
             _require(

@@ -42,6 +42,7 @@ def client_curves(
     shots: int,
     queries: int,
     steps: int,
+    support: float = 0.0,
 ) -> dict[str, np.ndarray]:
     """One unseen client's curves: {model name: array (tasks, steps + 1)}, on tasks fixed by (seed, index).
 
@@ -49,7 +50,10 @@ def client_curves(
     algorithm's batched engine.
     """
     rng = task_rng(seed, "eval", client_index)
-    tasks = [client.sample_task(rng, ways=ways, shots=shots, queries=queries) for _ in range(tasks_per_client)]
+    if support > 0:  # FedMeta's tasks: random support/query splits of the client's own data
+        tasks = [client.sample_split(rng, support) for _ in range(tasks_per_client)]
+    else:
+        tasks = [client.sample_task(rng, ways=ways, shots=shots, queries=queries) for _ in range(tasks_per_client)]
     return {name: algorithm.evaluate_curves(params, tasks, steps) for name, params in models.items()}
 
 
@@ -64,6 +68,7 @@ def personalised_curves(
     shots: int,
     queries: int,
     steps: int,
+    support: float = 0.0,
     on_client: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Metric after 0..steps steps for every (client, task): {model name: array (clients, tasks, steps + 1)}."""
@@ -81,6 +86,7 @@ def personalised_curves(
                 shots=shots,
                 queries=queries,
                 steps=steps,
+                support=support,
             )
         )
         if on_client is not None:
@@ -161,8 +167,10 @@ def format_summary(summary: dict[str, Any]) -> str:
             )
         )
     best = "higher" if metric == "accuracy" else "lower"
+    episode = summary["config"].get("episode", {})
+    global_labels = episode.get("client_tasks", False) or summary["config"]["data"]["dataset"] == "sinusoid"
+    fedavg = "a FedAvg model, whole" if global_labels else "a FedAvg model with a fresh head"
     lines.append(
-        f"  ({best} is better; meta = the federated meta-model, random_init = its untrained start, "
-        f"fedavg = a FedAvg model with a fresh head)"
+        f"  ({best} is better; meta = the federated meta-model, random_init = its untrained start, fedavg = {fedavg})"
     )
     return "\n".join(lines)

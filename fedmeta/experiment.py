@@ -37,6 +37,7 @@ class EvalProtocol(TypedDict):
     shots: int
     queries: int
     steps: int
+    support: float  # > 0: tasks are splits of a client's own data (episode.client_tasks); 0: episodes
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,11 @@ class Experiment:
         if federation is None:
             federation = build_federation(config.data, seed=config.federation.seed)
         ep = config.episode
-        federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
-        federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
+        if ep.client_tasks:
+            federation.check_split(ep.support)
+        else:
+            federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
+            federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
         Outer(config, len(federation.train_clients)).check()
         return cls(config, federation, build_run_algorithm(config, federation.kind, federation.num_global_outputs))
 
@@ -264,6 +268,7 @@ class Experiment:
             shots=ep.training_shots,
             queries=ep.training_queries,
             batch_size=self.config.eval.fedavg_batch,
+            support=float(ep.support) if ep.client_tasks else 0.0,
         )
         update = self.algorithm.at_round(round_index).client_update(params, tasks)
         return protect_update(
@@ -286,6 +291,7 @@ def eval_protocol(config: RunConfig) -> EvalProtocol:
         "shots": config.episode.shots,
         "queries": config.episode.queries,
         "steps": config.inner.eval_steps,
+        "support": float(config.episode.support) if config.episode.client_tasks else 0.0,
     }
 
 
@@ -348,9 +354,9 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
         out: int | None = 1
     elif name in ALGORITHMS and ALGORITHMS[name].embedding_only:
         out = None  # an embedding, no head
-    elif name == "fedavg":
+    elif name == "fedavg" or config.episode.client_tasks:  # over the global label space
         if num_global_outputs is None:
-            raise ValueError("the FedAvg baseline needs the federation's global label count")
+            raise ValueError(f"{name} over the global labels needs the federation's label count")
         out = num_global_outputs
     else:
         out = config.episode.ways

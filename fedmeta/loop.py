@@ -100,7 +100,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     info = transport.connect(config)
-    algorithm = meta_algorithm(config)
+    algorithm = meta_algorithm(config, info.num_global_outputs)
     init = initial_params(algorithm, config.federation.seed)
     outer = Outer(config, info.num_train)
     outer.check()

@@ -77,7 +77,7 @@ class Conv4(BodyHead):
 def build_model(dataset: str, *, out_features: int | None, downsample: str = "stride") -> nn.Module:
     if dataset == "sinusoid":
         return SinusoidMLP()
-    if dataset == "omniglot":
+    if dataset in ("omniglot", "femnist"):  # both 28x28 grey images
         return Conv4(out_features, downsample=downsample)
     raise ValueError(f"no model for dataset {dataset!r}")
 

@@ -28,6 +28,11 @@ class ClientData(Protocol):
         """One episode: `ways` classes x (`shots` support + `queries` query) examples, or K-shot regression."""
         ...
 
+    def sample_split(self, rng: np.random.Generator, support: float) -> Task:
+        """The client's own data as one task over the global labels: a random support part (a fraction < 1 or a
+        count), the rest as query. Only naturally partitioned datasets (femnist) have it."""
+        ...
+
     def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
         """A plain supervised minibatch with global labels, for the FedAvg baseline."""
         ...
@@ -51,6 +56,13 @@ class Federation:
     def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
         for client in [*self.train_clients, *self.unseen_clients]:
             client.check_episode(ways=ways, shots=shots, queries=queries)
+
+    def check_split(self, support: float) -> None:
+        for client in [*self.train_clients, *self.unseen_clients]:
+            check = getattr(client, "check_split", None)
+            if check is None:
+                raise DataError(f"{self.name} clients cannot split their own data into tasks (episode.client_tasks)")
+            check(support)
 
 
 def task_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:

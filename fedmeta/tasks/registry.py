@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from fedmeta.config import DataConfig
 from fedmeta.tasks.base import Federation
-from fedmeta.tasks.omniglot import omniglot_federation
+from fedmeta.tasks.femnist import femnist_federation
+from fedmeta.tasks.omniglot import default_data_dir, omniglot_federation
 from fedmeta.tasks.sinusoid import sinusoid_federation
 
 
@@ -14,6 +15,14 @@ def build_federation(data: DataConfig, *, seed: int) -> Federation:
             num_train_clients=data.num_train_clients,
             num_unseen_clients=data.num_unseen_clients,
             window=data.client_window,
+            seed=seed,
+        )
+    if data.dataset == "femnist":
+        return femnist_federation(
+            data.data_dir or default_data_dir(),
+            variant=data.femnist_variant,
+            num_unseen_clients=data.num_unseen_clients,
+            min_samples=data.min_samples,
             seed=seed,
         )
     return omniglot_federation(

@@ -176,3 +176,49 @@ def test_a_second_run_into_the_same_directory_replaces_the_metrics(tmp_path: Pat
     simulate(small_config(**{"eval.fedavg_rounds": 0}), tmp_path, progress=False)
     simulate(small_config(**{"eval.fedavg_rounds": 0, "federation.rounds": 2}), tmp_path, progress=False)
     assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "meta"] == [1, 2]
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "reptile"])
+def test_client_tasks_on_a_tiny_leaf_femnist(tmp_path: Path, algorithm: str) -> None:
+    """FedMeta's formulation: each task is a writer's own data split into support and query over the 62
+    global labels; the FedAvg baseline is evaluated whole (its head already spans those labels)."""
+    from tests.unit.test_femnist import _leaf_file
+
+    root = tmp_path / "data" / "femnist" / "leaf_niid_sf005"
+    writers = {f"w{i}": (10 + i, 3 * i) for i in range(6)}
+    _leaf_file(root / "train" / "all.json", writers, seed=1)
+    _leaf_file(root / "test" / "all.json", {w: (3, first + 1) for w, (_, first) in writers.items()}, seed=2)
+    config = RunConfig().replace(
+        **{
+            "algorithm": algorithm,
+            "data.dataset": "femnist",
+            "data.data_dir": str(tmp_path / "data"),
+            "data.num_unseen_clients": 2,
+            "episode.client_tasks": True,
+            "episode.support": 0.25,
+            "inner.inner_steps": 1,
+            "inner.inner_lr": 0.1,
+            "inner.eval_steps": 2,
+            "federation.rounds": 2,
+            "federation.clients_per_round": 2,
+            "federation.tasks_per_client": 2,
+            "eval.eval_clients": 2,
+            "eval.eval_tasks_per_client": 2,
+            "eval.fedavg_rounds": 2,
+            "eval.fedavg_batch": 4,
+            "eval.curve_every": 1,
+        }
+    )
+
+    summary = simulate(config, tmp_path / "run", progress=False)
+
+    _, state, baselines = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state.params["head.weight"].shape[0] == 62  # the global label space, not ways
+    assert summary["results"].keys() == {"meta", "random_init", "fedavg"}
+    assert all(0.0 <= s["mean"] <= 1.0 for r in summary["results"].values() for s in r["over_tasks"])
+    assert summary["results"]["meta"]["over_tasks"][0]["n"] == 4  # 2 unseen writers x 2 splits
+    fedavg = baselines["fedavg"]
+    assert not torch.equal(fedavg["head.weight"], state.params["head.weight"])
+    # Evaluating the same checkpoint again draws the same splits: the same figures.
+    again = simulate(config, tmp_path / "again", progress=False)
+    assert again["results"] == summary["results"]
