@@ -27,9 +27,9 @@ ALGORITHM_NAMES = (
 # Metric-based methods: classification only, an embedding model evaluated at any number of ways.
 EMBEDDING_ALGORITHMS = ("protonet", "matching", "siamese", "relation")
 BASELINE_NAMES = ("fedavg",)
-DATASETS = ("sinusoid", "omniglot", "femnist")
+DATASETS = ("sinusoid", "omniglot", "femnist", "shakespeare")
 # Naturally partitioned datasets, where a task can be a client's own data (episode.client_tasks).
-CLIENT_TASK_DATASETS = ("femnist",)
+CLIENT_TASK_DATASETS = ("femnist", "shakespeare")
 # Algorithms that adapt a model over the global label space (client tasks); not the metric-based ones.
 CLIENT_TASK_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "metalstm")
 OPTIMIZERS = ("sgd", "adam")
@@ -82,7 +82,7 @@ class DataConfig:
 
     dataset: str = option(
         "sinusoid",
-        "task family: sinusoid (built in), omniglot, or femnist (LEAF's writers)",
+        "task family: sinusoid (built in), omniglot, femnist (LEAF's writers) or shakespeare (speakers)",
         flag="--dataset",
         choices=DATASETS,
     )
@@ -93,7 +93,9 @@ class DataConfig:
         100, "training clients (sinusoid; omniglot --partition character)", flag="--num-train-clients"
     )
     num_unseen_clients: int = option(
-        20, "unseen clients, evaluation only (sinusoid; femnist: writers held out)", flag="--num-unseen-clients"
+        20,
+        "unseen clients, evaluation only (sinusoid; femnist, shakespeare: clients held out)",
+        flag="--num-unseen-clients",
     )
     client_window: float = option(
         0.3, "sinusoid: each client's window of the amplitude and phase ranges (non-IID), as a fraction"
@@ -122,7 +124,9 @@ class DataConfig:
         flag="--femnist-variant",
     )
     min_samples: int = option(
-        10, "femnist: writers with fewer samples (train and test pooled) are left out", flag="--min-samples"
+        10,
+        "femnist, shakespeare: clients with fewer samples (images; 80-character windows) are left out",
+        flag="--min-samples",
     )
 
     def __post_init__(self) -> None:
@@ -182,10 +186,17 @@ class EpisodeConfig:
         "--client-tasks: the support part of a client's data, a fraction (< 1) or a count (>= 1)",
         flag="--support",
     )
+    client_samples: int | None = option(
+        None,
+        "--client-tasks: samples drawn per task from the client's data (unset: all of them)",
+        flag="--client-samples",
+    )
 
     def __post_init__(self) -> None:
         _require(isinstance(self.client_tasks, bool), f"client_tasks must be true or false, got {self.client_tasks!r}")
         _positive_float("support", self.support)
+        if self.client_samples is not None:
+            _positive_int("client_samples", self.client_samples)
         _require(
             self.support < 1 or float(self.support).is_integer(),
             f"support must be a fraction below 1 or a whole count, got {self.support!r}",
@@ -623,6 +634,11 @@ class RunConfig:
             _require(
                 self.algorithm == "maml",
                 f"the maml.* options (MAML++) apply to algorithm 'maml', not {self.algorithm!r}",
+            )
+        if self.data.dataset == "shakespeare":
+            _require(
+                self.episode.client_tasks,
+                "shakespeare's tasks are a speaker's own text: set episode.client_tasks (--client-tasks)",
             )
         if self.episode.client_tasks:
             _require(

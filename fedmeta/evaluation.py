@@ -43,6 +43,7 @@ def client_curves(
     queries: int,
     steps: int,
     support: float = 0.0,
+    samples: int = 0,
 ) -> dict[str, np.ndarray]:
     """One unseen client's curves: {model name: array (tasks, steps + 1)}, on tasks fixed by (seed, index).
 
@@ -51,7 +52,7 @@ def client_curves(
     """
     rng = task_rng(seed, "eval", client_index)
     if support > 0:  # FedMeta's tasks: random support/query splits of the client's own data
-        tasks = [client.sample_split(rng, support) for _ in range(tasks_per_client)]
+        tasks = [client.sample_split(rng, support, samples or None) for _ in range(tasks_per_client)]
     else:
         tasks = [client.sample_task(rng, ways=ways, shots=shots, queries=queries) for _ in range(tasks_per_client)]
     return {name: algorithm.evaluate_curves(params, tasks, steps) for name, params in models.items()}
@@ -69,6 +70,7 @@ def personalised_curves(
     queries: int,
     steps: int,
     support: float = 0.0,
+    samples: int = 0,
     on_client: Callable[[], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Metric after 0..steps steps for every (client, task): {model name: array (clients, tasks, steps + 1)}."""
@@ -87,6 +89,7 @@ def personalised_curves(
                 queries=queries,
                 steps=steps,
                 support=support,
+                samples=samples,
             )
         )
         if on_client is not None:

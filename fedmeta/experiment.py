@@ -38,6 +38,7 @@ class EvalProtocol(TypedDict):
     queries: int
     steps: int
     support: float  # > 0: tasks are splits of a client's own data (episode.client_tasks); 0: episodes
+    samples: int  # client tasks: samples drawn per task (0: all of the client's)
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ class Experiment:
             federation = build_federation(config.data, seed=config.federation.seed)
         ep = config.episode
         if ep.client_tasks:
-            federation.check_split(ep.support)
+            federation.check_split(ep.support, ep.client_samples)
         else:
             federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
             federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
@@ -269,6 +270,7 @@ class Experiment:
             queries=ep.training_queries,
             batch_size=self.config.eval.fedavg_batch,
             support=float(ep.support) if ep.client_tasks else 0.0,
+            samples=ep.client_samples or 0,
         )
         update = self.algorithm.at_round(round_index).client_update(params, tasks)
         return protect_update(
@@ -292,6 +294,7 @@ def eval_protocol(config: RunConfig) -> EvalProtocol:
         "queries": config.episode.queries,
         "steps": config.inner.eval_steps,
         "support": float(config.episode.support) if config.episode.client_tasks else 0.0,
+        "samples": config.episode.client_samples or 0,
     }
 
 

@@ -27,14 +27,15 @@ def local_tasks(
     queries: int,
     batch_size: int,
     support: float = 0.0,
+    samples: int = 0,
 ) -> list[Task]:
-    """A client's local work for one round: few-shot episodes (or, with `support` > 0, splits of the client's
-    own data into support and query: FedMeta's tasks), or minibatches for the FedAvg baseline.
+    """A client's local work for one round: few-shot episodes (or, with `support` > 0, splits of `samples` (0:
+    all) of the client's own data into support and query: FedMeta's tasks), or minibatches for FedAvg.
 
     A minibatch travels as a `Task` whose support set is the batch and whose query set is empty.
     """
     if data_kind == "episodes" and support > 0:
-        return [client.sample_split(rng, support) for _ in range(num_tasks)]
+        return [client.sample_split(rng, support, samples or None) for _ in range(num_tasks)]
     if data_kind == "episodes":
         return [client.sample_task(rng, ways=ways, shots=shots, queries=queries) for _ in range(num_tasks)]
     if data_kind == "batches":

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fedmeta.functional import lstm_cell
 from fedmeta.types import Params
 
 
@@ -74,11 +75,60 @@ class Conv4(BodyHead):
         self.head = nn.Linear(self.num_features, out_features) if out_features is not None else nn.Identity()
 
 
+class CharLSTMBody(nn.Module):
+    """Embedding, then stacked LSTM layers over the sequence; the last step's hidden state is the feature.
+
+    Written with `fedmeta.functional.lstm_cell` rather than `nn.LSTM`, so that `torch.func` (functional_call,
+    grad of grad, vmap over tasks) applies to it like to any other model. Gate order i, f, g, o (PyTorch's).
+    """
+
+    def __init__(self, vocab: int, embedding: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embedding)
+        self.hidden = hidden
+        sizes = [embedding] + [hidden] * (layers - 1)
+        self.w_ih = nn.ParameterList([nn.Parameter(torch.empty(4 * hidden, size)) for size in sizes])
+        self.w_hh = nn.ParameterList([nn.Parameter(torch.empty(4 * hidden, hidden)) for _ in sizes])
+        self.bias = nn.ParameterList([nn.Parameter(torch.empty(4 * hidden)) for _ in sizes])
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:  # nn.LSTM's: U(-1/sqrt(hidden), 1/sqrt(hidden))
+        bound = 1 / math.sqrt(self.hidden)
+        for p in [*self.w_ih, *self.w_hh, *self.bias]:
+            nn.init.uniform_(p, -bound, bound)
+
+    def forward(self, x: Tensor) -> Tensor:  # (n, length) character ids -> (n, hidden)
+        sequence = self.embedding(x)
+        for w_ih, w_hh, bias in zip(self.w_ih, self.w_hh, self.bias, strict=True):
+            h = c = sequence.new_zeros(*sequence.shape[:-2], self.hidden)
+            outputs = []
+            for t in range(sequence.shape[-2]):
+                h, c = lstm_cell(sequence[..., t, :], h, c, w_ih, w_hh, bias)
+                outputs.append(h)
+            sequence = torch.stack(outputs, dim=-2)
+        return sequence[..., -1, :]
+
+
+class CharLSTM(BodyHead):
+    """LEAF's Shakespeare model (Caldas et al. 2018): embedding 8, 2 LSTM layers of 256, a linear layer over
+    the vocabulary predicting the next character."""
+
+    def __init__(self, vocab: int, *, embedding: int = 8, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.body = CharLSTMBody(vocab, embedding, hidden, layers)
+        self.num_features = hidden
+        self.head = nn.Linear(hidden, vocab)
+
+
 def build_model(dataset: str, *, out_features: int | None, downsample: str = "stride") -> nn.Module:
     if dataset == "sinusoid":
         return SinusoidMLP()
     if dataset in ("omniglot", "femnist"):  # both 28x28 grey images
         return Conv4(out_features, downsample=downsample)
+    if dataset == "shakespeare":
+        if out_features is None:
+            raise ValueError("the Shakespeare model predicts characters: it needs the vocabulary size")
+        return CharLSTM(out_features)
     raise ValueError(f"no model for dataset {dataset!r}")
 
 

@@ -28,9 +28,10 @@ class ClientData(Protocol):
         """One episode: `ways` classes x (`shots` support + `queries` query) examples, or K-shot regression."""
         ...
 
-    def sample_split(self, rng: np.random.Generator, support: float) -> Task:
-        """The client's own data as one task over the global labels: a random support part (a fraction < 1 or a
-        count), the rest as query. Only naturally partitioned datasets (femnist) have it."""
+    def sample_split(self, rng: np.random.Generator, support: float, samples: int | None = None) -> Task:
+        """The client's own data as one task over the global labels: `samples` of its samples at random (all when
+        None), a support part of them (a fraction < 1 or a count), the rest as query. Only naturally partitioned
+        datasets (femnist, shakespeare) have it."""
         ...
 
     def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
@@ -57,12 +58,17 @@ class Federation:
         for client in [*self.train_clients, *self.unseen_clients]:
             client.check_episode(ways=ways, shots=shots, queries=queries)
 
-    def check_split(self, support: float) -> None:
+    def check_split(self, support: float, samples: int | None = None) -> None:
         for client in [*self.train_clients, *self.unseen_clients]:
             check = getattr(client, "check_split", None)
             if check is None:
                 raise DataError(f"{self.name} clients cannot split their own data into tasks (episode.client_tasks)")
-            check(support)
+            check(support, samples)
+
+
+def support_count(samples: int, support: float) -> int:
+    """Support samples of a client with `samples`: a fraction (0 < s < 1) rounded, or a count (s >= 1)."""
+    return int(round(samples * support)) if support < 1 else int(support)
 
 
 def task_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:

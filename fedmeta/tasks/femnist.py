@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.tasks.base import DataError, Federation
+from fedmeta.tasks.base import DataError, Federation, support_count
 from fedmeta.types import Task
 
 log = logging.getLogger(__name__)
@@ -78,31 +78,28 @@ class WriterClient:
         query_x, query_y = part(picks[:, shots:])
         return Task(support_x, support_y, query_x, query_y)
 
-    def check_split(self, support: float) -> None:
-        count = support_count(len(self), support)
-        if not 0 < count < len(self):
+    def check_split(self, support: float, samples: int | None = None) -> None:
+        total = min(len(self), samples) if samples else len(self)
+        count = support_count(total, support)
+        if not 0 < count < total:
             raise DataError(
-                f"writer {self.client_id} has {len(self)} samples; a support part of {support:g} leaves "
-                f"{count} support and {len(self) - count} query samples (each needs at least 1)"
+                f"writer {self.client_id} has {total} samples; a support part of {support:g} leaves "
+                f"{count} support and {total - count} query samples (each needs at least 1)"
             )
 
-    def sample_split(self, rng: np.random.Generator, support: float) -> Task:
-        """The writer's own data as one task: a random `support` part (a fraction < 1, or a count >= 1) to adapt
-        on, the rest as query; global labels."""
-        self.check_split(support)
-        order = torch.from_numpy(rng.permutation(len(self)))
-        count = support_count(len(self), support)
+    def sample_split(self, rng: np.random.Generator, support: float, samples: int | None = None) -> Task:
+        """The writer's own data as one task: `samples` of them at random (all when None), a `support` part (a
+        fraction < 1, or a count >= 1) to adapt on, the rest as query; global labels."""
+        self.check_split(support, samples)
+        total = min(len(self), samples) if samples else len(self)
+        order = torch.from_numpy(rng.permutation(len(self))[:total])
+        count = support_count(total, support)
         first, rest = order[:count], order[count:]
         return Task(self.x[first], self.y[first], self.x[rest], self.y[rest])
 
     def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
         rows = torch.from_numpy(rng.integers(len(self), size=size))
         return self.x[rows], self.y[rows]
-
-
-def support_count(samples: int, support: float) -> int:
-    """Support samples of a client with `samples`: a fraction (0 < s < 1) rounded, or a count (s >= 1)."""
-    return int(round(samples * support)) if support < 1 else int(support)
 
 
 def read_leaf_writers(directory: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:

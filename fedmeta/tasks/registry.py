@@ -6,6 +6,7 @@ from fedmeta.config import DataConfig
 from fedmeta.tasks.base import Federation
 from fedmeta.tasks.femnist import femnist_federation
 from fedmeta.tasks.omniglot import default_data_dir, omniglot_federation
+from fedmeta.tasks.shakespeare import shakespeare_federation
 from fedmeta.tasks.sinusoid import sinusoid_federation
 
 
@@ -21,6 +22,13 @@ def build_federation(data: DataConfig, *, seed: int) -> Federation:
         return femnist_federation(
             data.data_dir or default_data_dir(),
             variant=data.femnist_variant,
+            num_unseen_clients=data.num_unseen_clients,
+            min_samples=data.min_samples,
+            seed=seed,
+        )
+    if data.dataset == "shakespeare":
+        return shakespeare_federation(
+            data.data_dir or default_data_dir(),
             num_unseen_clients=data.num_unseen_clients,
             min_samples=data.min_samples,
             seed=seed,

@@ -69,6 +69,7 @@ def _another(key: str, default: object) -> object:
         "data.data_dir": "/tmp/data",
         "episode.train_shots": 3,
         "episode.train_queries": 4,
+        "episode.client_samples": 16,
         "eval.fedavg_rounds": 7,
         "data.drawers_per_client": 4,
     }
