@@ -23,6 +23,8 @@ ALGORITHM_NAMES = (
     "siamese",
     "relation",
     "metalstm",
+    "perfedavg",
+    "perfedavg-hf",
 )
 # Metric-based methods: classification only, an embedding model evaluated at any number of ways.
 EMBEDDING_ALGORITHMS = ("protonet", "matching", "siamese", "relation")
@@ -31,7 +33,7 @@ DATASETS = ("sinusoid", "omniglot", "femnist", "shakespeare")
 # Naturally partitioned datasets, where a task can be a client's own data (episode.client_tasks).
 CLIENT_TASK_DATASETS = ("femnist", "shakespeare")
 # Algorithms that adapt a model over the global label space (client tasks); not the metric-based ones.
-CLIENT_TASK_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "metalstm")
+CLIENT_TASK_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "metalstm", "perfedavg", "perfedavg-hf")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -507,6 +509,18 @@ class MatchingConfig:
 
 
 @dataclass(frozen=True)
+class PerFedAvgConfig:
+    """Per-FedAvg's local meta-step (Fallah et al. 2020, arXiv:2002.07948, Algorithm 1)."""
+
+    local_lr: float = option(
+        0.001, "Per-FedAvg's beta: the step of each local meta-update (one per task)", flag="--perfedavg-beta"
+    )
+
+    def __post_init__(self) -> None:
+        _positive_float("perfedavg.local_lr", self.local_lr)
+
+
+@dataclass(frozen=True)
 class ComputeConfig:
     """Where and how a client computes its part. None of this changes the maths, only its speed and rounding.
 
@@ -618,6 +632,7 @@ class RunConfig:
     compute: ComputeConfig = field(default_factory=ComputeConfig)
     maml: MamlConfig = field(default_factory=MamlConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    perfedavg: PerFedAvgConfig = field(default_factory=PerFedAvgConfig)
 
     def __post_init__(self) -> None:
         # A baseline (fedavg) is a run of its own beside a meta-learning run (fedmeta.experiment.fedavg_config).
@@ -650,6 +665,11 @@ class RunConfig:
                 self.algorithm in CLIENT_TASK_ALGORITHMS or self.algorithm in BASELINE_NAMES,
                 f"episode.client_tasks adapts a model over the global labels: one of {CLIENT_TASK_ALGORITHMS}, "
                 f"not {self.algorithm!r}",
+            )
+        if self.perfedavg != PerFedAvgConfig():
+            _require(
+                self.algorithm in ("perfedavg", "perfedavg-hf"),
+                f"perfedavg.local_lr applies to algorithms 'perfedavg' and 'perfedavg-hf', not {self.algorithm!r}",
             )
         if self.matching.enabled:
             _require(
@@ -702,6 +722,7 @@ class RunConfig:
             "compute": ComputeConfig,
             "maml": MamlConfig,
             "matching": MatchingConfig,
+            "perfedavg": PerFedAvgConfig,
         }
         unknown = set(raw) - set(sections) - {"algorithm"}
         _require(not unknown, f"unknown config section(s): {sorted(unknown)}")

@@ -330,7 +330,11 @@ def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
             "outer.schedule": "constant",
             "eval.curve_every": 0,
             # The algorithm-specific options of the meta-learning run do not apply to FedAvg.
-            **{f"{sec}.{k}": v for sec in ("maml", "matching") for k, v in RunConfig().to_dict()[sec].items()},
+            **{
+                f"{sec}.{k}": v
+                for sec in ("maml", "matching", "perfedavg")
+                for k, v in RunConfig().to_dict()[sec].items()
+            },
         }
     )
 
@@ -381,6 +385,8 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
             per_step_bn=m.per_step_bn,
             first_order_rounds=m.first_order_rounds,
         )
+    if name.startswith("perfedavg"):
+        compute["local_lr"] = config.perfedavg.local_lr
     if name == "matching" and config.matching.fce:
         compute["fce_steps"] = config.matching.fce_steps
     return build_algorithm(

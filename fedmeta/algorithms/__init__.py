@@ -11,6 +11,7 @@ from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
 from fedmeta.algorithms.matching import MatchingNet
 from fedmeta.algorithms.meta_lstm import MetaLSTM
 from fedmeta.algorithms.meta_sgd import MetaSGD
+from fedmeta.algorithms.per_fedavg import PerFedAvg, PerFedAvgHF
 from fedmeta.algorithms.protonet import ProtoNet
 from fedmeta.algorithms.relation import RelationNet
 from fedmeta.algorithms.reptile import FedAvg, Reptile
@@ -18,7 +19,20 @@ from fedmeta.algorithms.siamese import Siamese
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls
-    for cls in (MAML, FOMAML, ANIL, MetaSGD, Reptile, ProtoNet, MatchingNet, Siamese, RelationNet, MetaLSTM)
+    for cls in (
+        MAML,
+        FOMAML,
+        ANIL,
+        MetaSGD,
+        Reptile,
+        ProtoNet,
+        MatchingNet,
+        Siamese,
+        RelationNet,
+        MetaLSTM,
+        PerFedAvg,
+        PerFedAvgHF,
+    )
 }
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
 
@@ -43,6 +57,8 @@ __all__ = [
     "Algorithm",
     "FedAvg",
     "MetaSGD",
+    "PerFedAvg",
+    "PerFedAvgHF",
     "ProtoNet",
     "RelationNet",
     "Reptile",

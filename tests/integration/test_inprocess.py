@@ -178,7 +178,7 @@ def test_a_second_run_into_the_same_directory_replaces_the_metrics(tmp_path: Pat
     assert [r["round"] for r in read_jsonl(tmp_path / "metrics.jsonl") if r["phase"] == "meta"] == [1, 2]
 
 
-@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "reptile"])
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "metasgd", "reptile", "perfedavg-hf"])
 def test_client_tasks_on_a_tiny_leaf_femnist(tmp_path: Path, algorithm: str) -> None:
     """FedMeta's formulation: each task is a writer's own data split into support and query over the 62
     global labels; the FedAvg baseline is evaluated whole (its head already spans those labels)."""

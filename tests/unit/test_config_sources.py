@@ -38,6 +38,7 @@ def test_every_simulate_option_sets_its_own_field_with_the_fields_type() -> None
         needs = {
             "maml": ["--algorithm", "maml"],
             "matching": ["--algorithm", "matching", "--dataset", "omniglot"],
+            "perfedavg": ["--algorithm", "perfedavg"],
             "privacy": ["--dp", "central"],
             "episode.client_tasks": ["--dataset", "femnist"],
         }
