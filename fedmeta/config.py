@@ -25,6 +25,7 @@ ALGORITHM_NAMES = (
     "metalstm",
     "perfedavg",
     "perfedavg-hf",
+    "fedrep",
 )
 # Metric-based methods: classification only, an embedding model evaluated at any number of ways.
 EMBEDDING_ALGORITHMS = ("protonet", "matching", "siamese", "relation")
@@ -33,7 +34,17 @@ DATASETS = ("sinusoid", "omniglot", "femnist", "shakespeare")
 # Naturally partitioned datasets, where a task can be a client's own data (episode.client_tasks).
 CLIENT_TASK_DATASETS = ("femnist", "shakespeare")
 # Algorithms that adapt a model over the global label space (client tasks); not the metric-based ones.
-CLIENT_TASK_ALGORITHMS = ("maml", "fomaml", "anil", "metasgd", "reptile", "metalstm", "perfedavg", "perfedavg-hf")
+CLIENT_TASK_ALGORITHMS = (
+    "maml",
+    "fomaml",
+    "anil",
+    "metasgd",
+    "reptile",
+    "metalstm",
+    "perfedavg",
+    "perfedavg-hf",
+    "fedrep",
+)
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 INNER_OPTIMIZERS = ("sgd", "adam")

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 
 from fedmeta.algorithms.base import Algorithm
-from fedmeta.algorithms.maml import ANIL, FOMAML, MAML
+from fedmeta.algorithms.maml import ANIL, FOMAML, MAML, FedRep
 from fedmeta.algorithms.matching import MatchingNet
 from fedmeta.algorithms.meta_lstm import MetaLSTM
 from fedmeta.algorithms.meta_sgd import MetaSGD
@@ -32,6 +32,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         MetaLSTM,
         PerFedAvg,
         PerFedAvgHF,
+        FedRep,
     )
 }
 BASELINES: dict[str, type[Algorithm]] = {FedAvg.name: FedAvg}
@@ -56,6 +57,7 @@ __all__ = [
     "MetaLSTM",
     "Algorithm",
     "FedAvg",
+    "FedRep",
     "MetaSGD",
     "PerFedAvg",
     "PerFedAvgHF",

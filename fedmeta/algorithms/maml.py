@@ -286,3 +286,45 @@ class ANIL(MAML):
 
     def adapt_keys(self, params: Params) -> set[str]:
         return {k for k in params if k.startswith("head.")}
+
+
+class FedRep(ANIL):
+    """FedRep: Collins, Hassani, Mokhtari, Shakkottai 2021, arXiv:2102.07078 (Algorithm 1) - a shared
+    representation (the body) and a head of each client's own.
+
+    A client fits its head with the body frozen (`inner_steps` SGD steps at `inner_lr` on the task's support
+    set), then returns the gradient of the query loss with respect to the body at that head; the server
+    averages bodies. The head is never shared: its direction is zero, so the global head stays at its initial
+    value, from which every client fits its own - an unseen client at evaluation too (head-only adaptation,
+    body fixed, as the paper personalises new clients). fedmeta's clients keep no state between rounds, so a
+    training client re-fits its head each time it is sampled instead of resuming the one it had.
+    """
+
+    name = "fedrep"
+    first_order = True
+
+    @staticmethod
+    def _body_only(direction: Params) -> Params:
+        return {k: torch.zeros_like(v) if k.startswith("head.") else v for k, v in direction.items()}
+
+    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        direction, metrics = super().task_direction(params, task)
+        return self._body_only(direction), metrics
+
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        # Every task's head fitted at once on the body's features (no graph), then the gradient of the summed
+        # query losses with respect to the body, shared by all tasks: the sum of the tasks' body gradients.
+        _, trajectory, _ = self._batch_inner_loop(params, batch, self.inner_steps)
+        *_, heads = trajectory
+        heads = {k: v.detach() for k, v in heads.items()}
+        body = {k.removeprefix("body."): v for k, v in params.items() if k.startswith("body.")}
+
+        def query_loss(b: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            features = batched.batched_forward(self.model.body, b, batch.query_x, shared=True)  # type: ignore[arg-type]
+            logits = batched.batched_forward(self.model.head, heads, features)  # type: ignore[arg-type]
+            losses = batched.task_losses(self.kind, logits, batch.query_y)
+            return losses.sum(), (losses.detach(), logits.detach())
+
+        body_grad, (losses, logits) = grad(query_loss, has_aux=True)(body)
+        direction = {k: body_grad[k.removeprefix("body.")] if k.startswith("body.") else v for k, v in params.items()}
+        return self._body_only(direction), self._batch_metrics(losses, logits, batch.query_y)

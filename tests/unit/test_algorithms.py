@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fedmeta.algorithms import ANIL, FOMAML, MAML, MetaSGD, PerFedAvg, PerFedAvgHF, ProtoNet, Reptile
+from fedmeta.algorithms import ANIL, FOMAML, MAML, FedRep, MetaSGD, PerFedAvg, PerFedAvgHF, ProtoNet, Reptile
 from fedmeta.algorithms.matching import FCE_PREFIX, MatchingNet, matching_log_probs
 from fedmeta.algorithms.meta_lstm import MetaLSTM, lstm_step
 from fedmeta.algorithms.protonet import prototype_logits
@@ -667,3 +667,17 @@ def test_per_fedavg_local_steps_match_a_hand_written_reference(cls) -> None:
     # The Hessian term matters: the two variants differ by more than the tolerance above.
     other = _hand_perfedavg(params, tasks, INNER_LR, 0.3, hessian_free=not cls.hessian_free)
     assert max(float((expected[k] - other[k]).abs().max()) for k in expected) > 1e-4
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_fedrep_returns_the_body_gradient_at_a_locally_fitted_head(steps: int, engine: str) -> None:
+    params, task = mlp_params(seed=22), double_task(seed=22)
+    algo = FedRep(SinusoidMLP(hidden=8), kind="regression", inner_lr=INNER_LR, inner_steps=steps)
+
+    direction = direction_of(algo, params, task, engine)
+
+    head = [k for k in params if k.startswith("head.")]
+    expected = hand_maml_grad(params, task, steps, INNER_LR, second_order=False, keys=head)
+    expected = {k: torch.zeros_like(v) if k in head else v for k, v in expected.items()}
+    assert_close(direction, expected, atol=1e-10, rtol=1e-8)
+    assert any(float(v.abs().max()) > 0 for k, v in direction.items() if k not in head)
