@@ -198,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait for the run to finish")
     _add_security_options(run, certificates=False)
 
+    rep = sub.add_parser("report", help="PNG plots and a markdown page from one or more run directories")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="directories written by simulate (or a deployment)")
+    rep.add_argument("--out", help="where to write the report (default: RUN_DIR/report for one run, else runs/report)")
+
     dl = sub.add_parser("download", help="fetch benchmark data into a data directory")
     dl.add_argument("dataset", choices=["omniglot"])
     dl.add_argument("--data-dir", default=os.environ.get("FEDMETA_DATA_DIR", "data"))
@@ -303,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state database announces its plugins
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font cache announces itself
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower's usage telemetry is opt-in here
     from fedmeta.runtime import tune_allocator
 
@@ -333,20 +338,35 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 summary = simulate(config, args.out, progress=_progress(args), resume=args.resume)
             print(format_summary(summary))
+            from fedmeta.report import write_personalisation_plot
+
+            plot = write_personalisation_plot(summary, Path(args.out) / "personalisation.png")
             print(
                 f"metrics: {Path(args.out) / 'metrics.jsonl'}  summary: {Path(args.out) / 'summary.json'}  "
-                f"checkpoint: {Path(args.out) / 'checkpoint.pt'}"
+                f"checkpoint: {Path(args.out) / 'checkpoint.pt'}  plot: {plot}"
             )
         elif args.command == "evaluate":
             overrides = {key: getattr(args, key) for key in EVALUATE_KEYS if getattr(args, key) is not None}
             summary = evaluate_checkpoint(args.checkpoint, args.out, progress=_progress(args), overrides=overrides)
             print(format_summary(summary))
+        elif args.command == "report":
+            from fedmeta.report import write_report
+
+            out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("runs/report"))
+            print(f"report: {write_report(args.runs, out)}")
         elif args.command == "download":
             from fedmeta.tasks.omniglot import download
 
             for path in download(args.data_dir):
                 print(path)
-    except (ConfigError, DataError, CheckpointError, ValueError, deploy.DeployError, OSError) as error:
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+        ValueError,
+        deploy.DeployError,
+        OSError,
+    ) as error:  # ReportError too
         if args.debug:
             raise
         print(f"fedmeta: error: {error}", file=sys.stderr)
