@@ -293,11 +293,13 @@ class FedRep(ANIL):
     representation (the body) and a head of each client's own.
 
     A client fits its head with the body frozen (`inner_steps` SGD steps at `inner_lr` on the task's support
-    set), then returns the gradient of the query loss with respect to the body at that head; the server
-    averages bodies. The head is never shared: its direction is zero, so the global head stays at its initial
-    value, from which every client fits its own - an unseen client at evaluation too (head-only adaptation,
-    body fixed, as the paper personalises new clients). fedmeta's clients keep no state between rounds, so a
-    training client re-fits its head each time it is sampled instead of resuming the one it had.
+    set), then returns the gradient of the query loss with respect to the body at that head, and the server's
+    outer step applies the clients' mean (the paper's local body update, one step long, then averaged; the
+    paper takes several local body steps and averages the bodies). The head is never shared: its direction
+    is zero, so the global head stays at its initial value, from which every client fits its own - an unseen
+    client at evaluation too (head-only adaptation, body fixed, as the paper personalises new clients).
+    fedmeta's clients keep no state between rounds, so a training client re-fits its head each time it is
+    sampled instead of resuming the one it had.
     """
 
     name = "fedrep"
