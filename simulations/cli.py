@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", help="where to write the report (default: RUN_DIR/report for one run, else runs/report)")
 
     dl = sub.add_parser("download", help="fetch benchmark data into a data directory")
-    dl.add_argument("dataset", choices=["omniglot"])
+    dl.add_argument("dataset", choices=["omniglot", "shakespeare"], help="FEMNIST comes from LEAF's scripts (README)")
     dl.add_argument("--data-dir", default=os.environ.get("FEDMETA_DATA_DIR", "data"))
     return parser
 
@@ -355,18 +355,13 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or (Path(args.runs[0]) / "report" if len(args.runs) == 1 else Path("runs/report"))
             print(f"report: {write_report(args.runs, out)}")
         elif args.command == "download":
-            from fedmeta.tasks.omniglot import download
+            from fedmeta.tasks import omniglot, shakespeare
 
-            for path in download(args.data_dir):
+            fetchers = {"omniglot": omniglot.download, "shakespeare": shakespeare.download}
+            for path in fetchers[args.dataset](args.data_dir):
                 print(path)
-    except (
-        ConfigError,
-        DataError,
-        CheckpointError,
-        ValueError,
-        deploy.DeployError,
-        OSError,
-    ) as error:  # ReportError too
+    # ReportError is a ValueError.
+    except (ConfigError, DataError, CheckpointError, ValueError, deploy.DeployError, OSError) as error:
         if args.debug:
             raise
         print(f"fedmeta: error: {error}", file=sys.stderr)

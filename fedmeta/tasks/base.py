@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+import urllib.request
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
@@ -69,6 +73,25 @@ class Federation:
 def support_count(samples: int, support: float) -> int:
     """Support samples of a client with `samples`: a fraction (0 < s < 1) rounded, or a count (s >= 1)."""
     return int(round(samples * support)) if support < 1 else int(support)
+
+
+def fetch(url: str, path: Path) -> Path:
+    """Download `url` to `path` (through a .part file, so a broken download never looks complete); a file
+    already there is kept. A .zip that is not a zip archive is an error."""
+    if path.is_file():
+        logging.getLogger(__name__).info("%s already present", path)
+        return path
+    logging.getLogger(__name__).info("downloading %s", url)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".part")
+    with urllib.request.urlopen(url) as response, open(partial, "wb") as out:  # noqa: S310 (fixed https URLs)
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+    if path.suffix == ".zip" and not zipfile.is_zipfile(partial):
+        partial.unlink()
+        raise DataError(f"download of {url} did not yield a zip archive")
+    partial.replace(path)
+    return path
 
 
 def task_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:

@@ -20,7 +20,6 @@ import io
 import logging
 import os
 import re
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fedmeta.tasks.base import DataError, Federation
+from fedmeta.tasks.base import DataError, Federation, fetch
 from fedmeta.types import Task
 
 log = logging.getLogger(__name__)
@@ -343,21 +342,4 @@ def download(
     target.mkdir(parents=True, exist_ok=True)
     wanted = [(_zip_path(Path(data_dir), s), url_template.format(split=s)) for s in SPLITS]
     wanted += [(target / "splits_vinyals" / f"{n}.txt", list_template.format(name=n)) for n in VINYALS_LISTS]
-    written = []
-    for path, url in wanted:
-        if path.is_file():
-            log.info("%s already present", path)
-            written.append(path)
-            continue
-        log.info("downloading %s", url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".part")
-        with urllib.request.urlopen(url) as response, open(partial, "wb") as out:  # noqa: S310 (fixed https URL)
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-        if path.suffix == ".zip" and not zipfile.is_zipfile(partial):
-            partial.unlink()
-            raise DataError(f"download of {url} did not yield a zip archive")
-        partial.replace(path)
-        written.append(path)
-    return written
+    return [fetch(url, path) for path, url in wanted]

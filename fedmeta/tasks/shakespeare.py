@@ -22,16 +22,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.tasks.base import DataError, Federation, support_count
+from fedmeta.tasks.base import DataError, Federation, fetch, support_count
 from fedmeta.types import Task
 
 log = logging.getLogger(__name__)
 
 SEQUENCE = 80  # LEAF's window
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 HOW_TO_GET = (
-    "the tiny Shakespeare text: download "
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt "
-    "to DIR/shakespeare/input.txt, then pass --data-dir DIR"
+    f"the tiny Shakespeare text with `fedmeta download shakespeare --data-dir DIR` (or save {URL} as "
+    "DIR/shakespeare/input.txt), then pass --data-dir DIR"
 )
 
 
@@ -123,3 +123,8 @@ def shakespeare_federation(data_dir: str | Path, *, num_unseen_clients: int, min
     return Federation(
         "shakespeare", "classification", [clients[i] for i in train], [clients[i] for i in unseen], len(vocabulary)
     )
+
+
+def download(data_dir: str | Path, *, url: str = URL) -> list[Path]:
+    """Fetch the tiny-Shakespeare text into DATA_DIR/shakespeare/input.txt (kept if already there)."""
+    return [fetch(url, Path(data_dir) / "shakespeare" / "input.txt")]

@@ -88,3 +88,18 @@ def test_the_character_lstm_equals_torch_lstm_with_the_same_weights() -> None:
     torch.testing.assert_close(features, expected, rtol=1e-12, atol=1e-12)
     assert model(x).shape == (4, 12)
     assert isinstance(build_model("shakespeare", out_features=65), CharLSTM)
+
+
+def test_download_fetches_the_text_once(tmp_path: Path) -> None:
+    from fedmeta.tasks.shakespeare import download
+
+    source = tmp_path / "source.txt"
+    source.write_text(PLAY)
+
+    written = download(tmp_path / "data", url=source.as_uri())
+    source.write_text("changed")
+    again = download(tmp_path / "data", url=source.as_uri())  # already there: kept, not fetched
+
+    assert written == again == [tmp_path / "data" / "shakespeare" / "input.txt"]
+    assert written[0].read_text() == PLAY
+    assert not list((tmp_path / "data" / "shakespeare").glob("*.part"))
