@@ -75,6 +75,54 @@ def support_count(samples: int, support: float) -> int:
     return int(round(samples * support)) if support < 1 else int(support)
 
 
+class SplitsOwnData:
+    """FedMeta's client tasks for a client whose samples are indexable (`__len__`, `_take`): a random subset
+    of its samples, cut into a support part and a query part over the global labels."""
+
+    client_id: str
+    noun: str = "client"  # how errors name it ("writer", "speaker")
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def _take(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Samples `rows` as (inputs, global labels)."""
+        raise NotImplementedError
+
+    def check_split(self, support: float, samples: int | None = None) -> None:
+        total = min(len(self), samples) if samples else len(self)
+        count = support_count(total, support)
+        if not 0 < count < total:
+            raise DataError(
+                f"{self.noun} {self.client_id} has {total} samples; a support part of {support:g} leaves "
+                f"{count} support and {total - count} query samples (each needs at least 1)"
+            )
+
+    def sample_split(self, rng: np.random.Generator, support: float, samples: int | None = None) -> Task:
+        """`samples` of the client's samples at random (all when None): a `support` part (a fraction < 1, or a
+        count >= 1) to adapt on, the rest as query."""
+        self.check_split(support, samples)
+        total = min(len(self), samples) if samples else len(self)
+        rows = rng.permutation(len(self))[:total]
+        count = support_count(total, support)
+        support_x, support_y = self._take(rows[:count])
+        query_x, query_y = self._take(rows[count:])
+        return Task(support_x, support_y, query_x, query_y)
+
+
+def hold_out(
+    name: str, clients: Sequence[ClientData], *, num_unseen: int, seed: int, why: str, outputs: int
+) -> Federation:
+    """A natural federation: `num_unseen` of `clients`, chosen by `seed`, held out as unseen clients (both
+    sides keep the clients' order). `why` says which clients these are, for the error when too few remain."""
+    if len(clients) <= num_unseen:
+        raise DataError(f"{why}: {len(clients)} clients; {num_unseen} unseen ones would leave none to train on")
+    order = np.random.default_rng([seed, len(clients)]).permutation(len(clients))
+    unseen = sorted(int(i) for i in order[:num_unseen])
+    train = sorted(int(i) for i in order[num_unseen:])
+    return Federation(name, "classification", [clients[i] for i in train], [clients[i] for i in unseen], outputs)
+
+
 def fetch(url: str, path: Path) -> Path:
     """Download `url` to `path` (through a .part file, so a broken download never looks complete); a file
     already there is kept. A .zip that is not a zip archive is an error."""

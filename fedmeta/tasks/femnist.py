@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.tasks.base import DataError, Federation, support_count
+from fedmeta.tasks.base import DataError, Federation, SplitsOwnData, hold_out
 from fedmeta.types import Task
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,13 @@ HOW_TO_GET = (
 
 
 @dataclass(frozen=True)
-class WriterClient:
+class WriterClient(SplitsOwnData):
     """One writer's samples: images (n, 1, 28, 28) with ink = 1, global labels (n,) in 0..61."""
 
     client_id: str
     x: Tensor
     y: Tensor
+    noun = "writer"
 
     def __len__(self) -> int:
         return len(self.y)
@@ -78,24 +79,9 @@ class WriterClient:
         query_x, query_y = part(picks[:, shots:])
         return Task(support_x, support_y, query_x, query_y)
 
-    def check_split(self, support: float, samples: int | None = None) -> None:
-        total = min(len(self), samples) if samples else len(self)
-        count = support_count(total, support)
-        if not 0 < count < total:
-            raise DataError(
-                f"writer {self.client_id} has {total} samples; a support part of {support:g} leaves "
-                f"{count} support and {total - count} query samples (each needs at least 1)"
-            )
-
-    def sample_split(self, rng: np.random.Generator, support: float, samples: int | None = None) -> Task:
-        """The writer's own data as one task: `samples` of them at random (all when None), a `support` part (a
-        fraction < 1, or a count >= 1) to adapt on, the rest as query; global labels."""
-        self.check_split(support, samples)
-        total = min(len(self), samples) if samples else len(self)
-        order = torch.from_numpy(rng.permutation(len(self))[:total])
-        count = support_count(total, support)
-        first, rest = order[:count], order[count:]
-        return Task(self.x[first], self.y[first], self.x[rest], self.y[rest])
+    def _take(self, rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        index = torch.from_numpy(rows)
+        return self.x[index], self.y[index]
 
     def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
         rows = torch.from_numpy(rng.integers(len(self), size=size))
@@ -167,12 +153,5 @@ def femnist_federation(
         clients.append(WriterClient(user, images, torch.from_numpy(y)))
     if dropped:
         log.info("FEMNIST: %d writers with fewer than %d samples left out", dropped, min_samples)
-    if len(clients) <= num_unseen_clients:
-        raise DataError(
-            f"FEMNIST in {root}: {len(clients)} writers with at least {min_samples} samples; "
-            f"{num_unseen_clients} unseen writers would leave none to train on"
-        )
-    order = np.random.default_rng([seed, len(clients)]).permutation(len(clients))
-    unseen = sorted(int(i) for i in order[:num_unseen_clients])
-    train = sorted(int(i) for i in order[num_unseen_clients:])
-    return Federation("femnist", "classification", [clients[i] for i in train], [clients[i] for i in unseen], CLASSES)
+    why = f"FEMNIST in {root}, writers with at least {min_samples} samples"
+    return hold_out("femnist", clients, num_unseen=num_unseen_clients, seed=seed, why=why, outputs=CLASSES)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.tasks.base import DataError, Federation, fetch, support_count
+from fedmeta.tasks.base import DataError, Federation, SplitsOwnData, fetch, hold_out
 from fedmeta.types import Task
 
 log = logging.getLogger(__name__)
@@ -36,16 +36,17 @@ HOW_TO_GET = (
 
 
 @dataclass(frozen=True)
-class SpeakerClient:
+class SpeakerClient(SplitsOwnData):
     """One role's text as character ids; sample i is text[i : i + 80] -> text[i + 80]."""
 
     client_id: str
     text: Tensor  # (characters,) int64
+    noun = "speaker"
 
     def __len__(self) -> int:
         return len(self.text) - SEQUENCE
 
-    def _samples(self, starts: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _take(self, starts: np.ndarray) -> tuple[Tensor, Tensor]:
         index = torch.from_numpy(starts)[:, None] + torch.arange(SEQUENCE + 1)
         windows = self.text[index]
         return windows[:, :SEQUENCE], windows[:, SEQUENCE]
@@ -57,28 +58,8 @@ class SpeakerClient:
         self.check_episode(ways=ways, shots=shots, queries=queries)
         raise AssertionError  # unreachable
 
-    def check_split(self, support: float, samples: int | None = None) -> None:
-        total = min(len(self), samples) if samples else len(self)
-        count = support_count(total, support)
-        if not 0 < count < total:
-            raise DataError(
-                f"speaker {self.client_id} has {total} samples; a support part of {support:g} leaves "
-                f"{count} support and {total - count} query samples (each needs at least 1)"
-            )
-
-    def sample_split(self, rng: np.random.Generator, support: float, samples: int | None = None) -> Task:
-        """`samples` random windows (all when None), a `support` part of them (fraction or count) to adapt on and
-        the rest as query."""
-        self.check_split(support, samples)
-        total = min(len(self), samples) if samples else len(self)
-        starts = rng.choice(len(self), size=total, replace=False)
-        count = support_count(total, support)
-        support_x, support_y = self._samples(starts[:count])
-        query_x, query_y = self._samples(starts[count:])
-        return Task(support_x, support_y, query_x, query_y)
-
     def sample_batch(self, rng: np.random.Generator, size: int) -> tuple[Tensor, Tensor]:
-        return self._samples(rng.integers(len(self), size=size))
+        return self._take(rng.integers(len(self), size=size))
 
 
 def parse_speakers(text: str) -> dict[str, str]:
@@ -112,17 +93,8 @@ def shakespeare_federation(data_dir: str | Path, *, num_unseen_clients: int, min
         if len(speech) - SEQUENCE >= min_samples
     ]
     log.info("Shakespeare: %d of %d speakers have at least %d samples", len(clients), len(speakers), min_samples)
-    if len(clients) <= num_unseen_clients:
-        raise DataError(
-            f"Shakespeare in {path}: {len(clients)} speakers with at least {min_samples} samples; "
-            f"{num_unseen_clients} unseen speakers would leave none to train on"
-        )
-    order = np.random.default_rng([seed, len(clients)]).permutation(len(clients))
-    unseen = sorted(int(i) for i in order[:num_unseen_clients])
-    train = sorted(int(i) for i in order[num_unseen_clients:])
-    return Federation(
-        "shakespeare", "classification", [clients[i] for i in train], [clients[i] for i in unseen], len(vocabulary)
-    )
+    why = f"Shakespeare in {path}, speakers with at least {min_samples} samples"
+    return hold_out("shakespeare", clients, num_unseen=num_unseen_clients, seed=seed, why=why, outputs=len(vocabulary))
 
 
 def download(data_dir: str | Path, *, url: str = URL) -> list[Path]:

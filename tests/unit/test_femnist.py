@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from fedmeta.config import ConfigError, RunConfig
-from fedmeta.tasks.base import DataError
-from fedmeta.tasks.femnist import CLASSES, femnist_federation, support_count
+from fedmeta.tasks.base import DataError, support_count
+from fedmeta.tasks.femnist import CLASSES, femnist_federation
 
 
 def _leaf_file(path: Path, writers: dict[str, tuple[int, int]], seed: int) -> dict[str, tuple[list, list]]:
@@ -111,7 +111,7 @@ def test_missing_data_and_too_few_writers_are_clear_errors(leaf, tmp_path: Path)
     root, _ = leaf
     with pytest.raises(DataError, match=r"FEMNIST directory not found: .*LEAF"):
         femnist_federation(tmp_path / "nowhere", num_unseen_clients=1, min_samples=1, seed=0)
-    with pytest.raises(DataError, match="5 writers with at least 10 samples; 5 unseen writers would leave none"):
+    with pytest.raises(DataError, match="writers with at least 10 samples: 5 clients; 5 unseen ones would leave none"):
         femnist_federation(root, num_unseen_clients=5, min_samples=10, seed=0)
 
 
