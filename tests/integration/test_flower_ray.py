@@ -136,3 +136,35 @@ def test_the_metric_methods_and_the_meta_lstm_through_ray_equal_the_in_process_l
     # The meta-LSTM's direction norm differs in its 11th digit between a Ray worker and this process (the
     # meta-parameters above are still bit-identical); every other row value is equal to 12 digits.
     assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"), rel=1e-9)
+
+
+@pytest.mark.parametrize("algorithm", ["perfedavg-hf", "fedrep"])
+def test_client_tasks_and_the_baselines_through_ray_equal_the_in_process_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, algorithm: str
+) -> None:
+    """FedMeta's client tasks on a tiny LEAF FEMNIST: the evaluation protocol's support and sample counts
+    travel in Flower's messages, and the personalisation baselines run through the ClientApp."""
+    from tests.unit.test_femnist import _leaf_file
+
+    root = tmp_path / "data" / "femnist" / "leaf_niid_sf005"
+    writers = {f"w{i}": (10 + i, 3 * i) for i in range(4)}
+    _leaf_file(root / "train" / "all.json", writers, seed=1)
+    _leaf_file(root / "test" / "all.json", {w: (3, first + 1) for w, (_, first) in writers.items()}, seed=2)
+    argv = [
+        "--algorithm", algorithm, "--dataset", "femnist", "--data-dir", str(tmp_path / "data"),
+        "--num-unseen-clients", "1", "--client-tasks", "--support", "0.25", "--client-samples", "12",
+        "--inner-steps", "1", "--inner-lr", "0.1", "--eval-steps", "1", "--rounds", "2", "--clients-per-round", "2",
+        "--tasks-per-client", "2", "--eval-clients", "1", "--eval-tasks", "2", "--fedavg-rounds", "1",
+        "--curve-every", "1", "--threads", "1", "--no-progress",
+    ]  # fmt: skip
+
+    _ray_then_local(tmp_path, monkeypatch, capsys, argv)
+
+    ray_state = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")[1]
+    local_state = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert ray_state.params["head.weight"].shape[0] == 62
+    assert all(torch.equal(ray_state.params[k], local_state.params[k]) for k in local_state.params)
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ray", "local")]
+    assert summaries[0]["results"].keys() == {"meta", "random_init", "fedavg"}
+    assert_same_results(summaries[0]["results"], summaries[1]["results"])
+    assert_same_rows(read_jsonl(tmp_path / "ray" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl"))
