@@ -9,7 +9,6 @@ None has an inner loop: the model embeds the support and query sets, a method-sp
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -25,7 +24,7 @@ from fedmeta.types import Params, Task
 class MetricBased(Algorithm):
     embedding_only = True  # the model is an embedding: no classification head
     # Parameters of the comparison head (not of the embedding) start with this; None: the head has none.
-    head_prefix: ClassVar[str | None] = None
+    head_prefix: str | None = None
 
     # -- the method -----------------------------------------------------------------------------------------
     def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
