@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--eval-tasks", type=int, help="tasks per unseen client (default: preset; vinyals: 1000)")
     parser.add_argument("--out", default="benchmarks/results/omniglot.jsonl")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # a line per round
 
     for algorithm in args.algorithms:
         config = RunConfig.from_dict(load_preset(f"omniglot-{algorithm}")).replace(**{"data.data_dir": args.data_dir})
@@ -74,7 +77,7 @@ def main() -> None:
         split_tag = "" if args.split == "lake" else "-vinyals"
         run_dir = Path("runs/bench") / f"{algorithm}-{config.episode.ways}w{split_tag}{args.tag}"
         started = time.perf_counter()
-        summary = simulate(config, run_dir)
+        summary = simulate(config, run_dir, progress=sys.stderr.isatty())  # plain log lines into a file
         wall = time.perf_counter() - started
         print(format_summary(summary), flush=True)
         for shape, (ways, shots, queries) in SHAPES.items():

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ def main() -> None:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train each algorithm at most this long")
     parser.add_argument("--out", default="benchmarks/results/personalisation.jsonl")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # a line per round
 
     base = RunConfig.from_dict(load_preset(f"{args.dataset}-fedmeta")).replace(**{"data.data_dir": args.data_dir})
     if args.rounds:
@@ -57,7 +60,7 @@ def main() -> None:
         fedavg = {} if i == 0 else {"eval.fedavg_rounds": 0}  # the baseline once, beside the first run
         config = base.replace(**{"algorithm": algorithm, **OVERRIDES.get(algorithm, {}), **fedavg})
         run_dir = Path("runs/bench") / f"{args.dataset}-{algorithm}"
-        summary = simulate(config, run_dir)
+        summary = simulate(config, run_dir, progress=sys.stderr.isatty())  # plain log lines into a file
         print(f"== {algorithm}\n{format_summary(summary)}", flush=True)
         for model, result in summary["results"].items():
             if i > 0 and model == "random_init":
