@@ -141,22 +141,27 @@ def personalisation_figure(runs: list[Run]) -> Figure:
 
 def privacy_utility_figure(runs: list[Run]) -> Figure | None:
     """Final meta-model metric (at the last evaluated step) against epsilon; None unless epsilons differ."""
-    points = [(run.epsilon, run) for run in runs]
-    if len({e for e, _ in points}) < 2:
+    if len({run.epsilon for run in runs}) < 2:
         return None
-    finite = [e for e, _ in points if e is not None and math.isfinite(e)]
-    edge = max(finite) * 2 if finite else 1.0
+    finite = [run.epsilon for run in runs if run.epsilon is not None and math.isfinite(run.epsilon)]
+    edge = max(finite) * 2 if finite else 1.0  # where a run without DP (or an infinite epsilon) is drawn
+    points = sorted(
+        ((run.epsilon if run.epsilon is not None and math.isfinite(run.epsilon) else edge, run) for run in runs),
+        key=lambda point: point[0],
+    )
+    finals = [run.summary["results"]["meta"]["over_tasks"][-1] for _, run in points]
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs, ys, errors = [], [], []
-    for epsilon, run in sorted(points, key=lambda p: edge if p[0] is None or math.isinf(p[0]) else p[0]):
-        final = run.summary["results"]["meta"]["over_tasks"][-1]
-        xs.append(edge if epsilon is None or math.isinf(epsilon) else epsilon)
-        ys.append(_num(final["mean"]) * _percent(run))
-        errors.append(_num(final["ci95"]) * _percent(run))
-    ax.errorbar(xs, ys, yerr=errors, fmt="o-", capsize=3)
+    ax.errorbar(
+        [x for x, _ in points],
+        [_num(f["mean"]) * _percent(run) for f, (_, run) in zip(finals, points, strict=True)],
+        yerr=[_num(f["ci95"]) * _percent(run) for f, (_, run) in zip(finals, points, strict=True)],
+        fmt="o-",
+        capsize=3,
+    )
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon (the rightmost point: no DP)" if None in [e for e, _ in points] else "epsilon")
-    ax.set_ylabel(f"meta-model after {len(ys) and runs[0].summary['results']['meta']['steps'][-1]} steps")
+    no_dp = any(run.epsilon is None for run in runs)
+    ax.set_xlabel("epsilon (the rightmost point: no DP)" if no_dp else "epsilon")
+    ax.set_ylabel(f"meta-model after {runs[0].summary['results']['meta']['steps'][-1]} steps")
     ax.set_title("Privacy and utility")
     return fig
 

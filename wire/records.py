@@ -27,9 +27,7 @@ def params_to_record(params: Params) -> ArrayRecord:
 
 
 def record_to_params(record: ArrayRecord) -> Params:
-    # Copied into torch's own allocation (64-byte aligned, like the in-process loop's tensors): some CPU kernels
-    # reduce in an order that depends on a buffer's alignment, and numpy's differs.
-    return {k: torch.tensor(record[k].numpy()) for k in record}
+    return {k: torch.from_numpy(np.array(record[k].numpy(), copy=True)) for k in record}
 
 
 def update_to_content(update: ClientUpdate, *, client_id: str) -> RecordDict:

@@ -253,3 +253,32 @@ class Algorithm(ABC):
 
     def _metrics(self, loss: Tensor, logits: Tensor, y: Tensor) -> dict[str, float]:
         return {"query_loss": float(loss), f"query_{self.metric_name}": float(self.metric_fn(logits.detach(), y))}
+
+
+class SequentialLocal(Algorithm):
+    """A client part that is one sequence of local steps over the tasks, each starting where the last ended
+    (FedAvg, Per-FedAvg): nothing to batch. The direction is `params - local` after the last step."""
+
+    @abstractmethod
+    def local_step(self, local: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        """The local weights after one step on `task`, and that step's metrics."""
+
+    def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
+        if not tasks:
+            unit = "minibatch" if self.data_kind == "batches" else "task"
+            raise ValueError(f"client_update needs at least one {unit}")
+        start = self._to_device(params)
+        local = start
+        metrics = []
+        for task in map(self._task_to_device, tasks):
+            local, step_metrics = self.local_step(local, task)
+            metrics.append(step_metrics)
+        mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
+        direction = self._to_host({k: start[k] - local[k] for k in start}, params)
+        return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
+
+    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        raise NotImplementedError(f"{self.name}'s local work is a sequence over the tasks; use client_update")
+
+    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        raise NotImplementedError(f"{self.name}'s local work is a sequence over the tasks; use client_update")

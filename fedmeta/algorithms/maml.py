@@ -328,5 +328,5 @@ class FedRep(ANIL):
             return losses.sum(), (losses.detach(), logits.detach())
 
         body_grad, (losses, logits) = grad(query_loss, has_aux=True)(body)
-        direction = {k: body_grad[k.removeprefix("body.")] if k.startswith("body.") else v for k, v in params.items()}
-        return self._body_only(direction), self._batch_metrics(losses, logits, batch.query_y)
+        direction = {f"body.{k}": g for k, g in body_grad.items()}
+        return self._body_only({**params, **direction}), self._batch_metrics(losses, logits, batch.query_y)

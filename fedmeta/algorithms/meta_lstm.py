@@ -81,9 +81,8 @@ class MetaLSTM(Algorithm):
         gates and the initial weights; the gradients and losses fed in are constants)."""
         gates = {k: v for k, v in params.items() if k.startswith(PREFIX)}
         weights = self.model_params(params)
-        zero = {k: torch.zeros_like(v) for k, v in weights.items()}
         i_prev = {k: torch.sigmoid(gates[PREFIX + "b_i"]).expand_as(v) for k, v in weights.items()}
-        f_prev = {k: torch.sigmoid(gates[PREFIX + "b_f"]).expand_as(v) + zero[k] for k, v in weights.items()}
+        f_prev = {k: torch.sigmoid(gates[PREFIX + "b_f"]).expand_as(v) for k, v in weights.items()}
         yield weights
         for _ in range(steps):
 

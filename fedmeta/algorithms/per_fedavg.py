@@ -17,18 +17,15 @@ differences). A new client personalises by the same SGD steps at `inner_lr` as e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from torch import Tensor
 from torch.func import grad
 
-from fedmeta.algorithms.base import Algorithm
-from fedmeta.batched import TaskBatch
+from fedmeta.algorithms.base import SequentialLocal
 from fedmeta.functional import adapt, forward, task_loss
-from fedmeta.types import ClientUpdate, Params, Task
+from fedmeta.types import Params, Task
 
 
-class PerFedAvg(Algorithm):
+class PerFedAvg(SequentialLocal):
     name = "perfedavg"
     hessian_free = False
 
@@ -58,27 +55,11 @@ class PerFedAvg(Algorithm):
             g = {k: g[k] - self.inner_lr * hvp[k] for k in g}
         return g, temp
 
-    def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
-        """Sequential by definition (each local step starts where the last ended): nothing to batch."""
-        if not tasks:
-            raise ValueError("client_update needs at least one task")
-        start = self._to_device(params)
-        local = start
-        metrics = []
-        for task in map(self._task_to_device, tasks):
-            g, temp = self.meta_gradient(local, task)
-            logits = forward(self.model, temp, task.query_x).detach()
-            metrics.append(self._metrics(self.loss_fn(logits, task.query_y), logits, task.query_y))
-            local = {k: local[k] - self.local_lr * g[k] for k in local}
-        mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-        direction = self._to_host({k: start[k] - local[k] for k in start}, params)
-        return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
-
-    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        raise NotImplementedError("Per-FedAvg's local work is a sequence over the tasks; use client_update")
-
-    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        raise NotImplementedError("Per-FedAvg's local work is a sequence over the tasks; use client_update")
+    def local_step(self, local: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        g, temp = self.meta_gradient(local, task)
+        logits = forward(self.model, temp, task.query_x).detach()
+        metrics = self._metrics(self.loss_fn(logits, task.query_y), logits, task.query_y)
+        return {k: local[k] - self.local_lr * g[k] for k in local}, metrics
 
 
 class PerFedAvgHF(PerFedAvg):

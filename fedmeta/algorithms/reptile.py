@@ -7,16 +7,14 @@ of size epsilon the server moves towards the adapted weights: `params + epsilon 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
 from fedmeta import batched
-from fedmeta.algorithms.base import Algorithm
+from fedmeta.algorithms.base import Algorithm, SequentialLocal
 from fedmeta.batched import TaskBatch
 from fedmeta.functional import adapt, forward
-from fedmeta.types import ClientUpdate, Params, Task
+from fedmeta.types import Params, Task
 
 
 class Reptile(Algorithm):
@@ -57,7 +55,7 @@ class Reptile(Algorithm):
         return pseudo_grad_sum, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)
 
 
-class FedAvg(Algorithm):
+class FedAvg(SequentialLocal):
     """FedAvg (McMahan et al. 2017, arXiv:1602.05629) as the personalisation baseline, not a meta-learner.
 
     Each `Task` is one local minibatch with global labels (support only); the client takes one SGD step per
@@ -68,25 +66,7 @@ class FedAvg(Algorithm):
     data_kind = "batches"
     data_stream = "fedavg-data"
 
-    def client_update(self, params: Params, tasks: Sequence[Task]) -> ClientUpdate:
-        """Sequential by definition (each step starts where the last ended), so there is nothing to batch."""
-        if not tasks:
-            raise ValueError("client_update needs at least one minibatch")
-        local = self._to_device(params)
-        metrics = []
-        for batch in map(self._task_to_device, tasks):
-            local = adapt(
-                self.model, self.loss_fn, local, batch.support_x, batch.support_y, steps=1, inner_lr=self.inner_lr
-            )
-            logits = forward(self.model, local, batch.support_x).detach()
-            metrics.append(self._metrics(self.loss_fn(logits, batch.support_y), logits, batch.support_y))
-        mean_metrics = {k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0]}
-        start = self._to_device(params)
-        direction = self._to_host({k: start[k] - local[k] for k in params}, params)
-        return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=mean_metrics)
-
-    def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
-        raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")
-
-    def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
-        raise NotImplementedError("FedAvg's local work spans all minibatches; use client_update")
+    def local_step(self, local: Params, task: Task) -> tuple[Params, dict[str, float]]:
+        local = adapt(self.model, self.loss_fn, local, task.support_x, task.support_y, steps=1, inner_lr=self.inner_lr)
+        logits = forward(self.model, local, task.support_x).detach()
+        return local, self._metrics(self.loss_fn(logits, task.support_y), logits, task.support_y)
