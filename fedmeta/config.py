@@ -550,9 +550,16 @@ class ComputeConfig:
         "compute a client's tasks in one vectorised call; off (--task-loop): one by one, the reference path",
         flag="--task-loop",
     )
+    cohorts: bool = option(
+        True,
+        "compute all of a worker's sampled clients in one vectorised call where the algorithm allows it (each "
+        "client's update is what it computes alone); off (--client-loop): one client after another",
+        flag="--client-loop",
+    )
     task_chunk: int = option(
         0,
-        "at most N tasks per vectorised call, to bound memory (0: 8 on a CPU, all on a GPU)",
+        "at most N tasks per vectorised call, to bound memory (0: on a CPU 8 Omniglot episodes' worth, at least "
+        "8 tasks; all on a GPU)",
         flag="--task-chunk",
     )
     precision: str = option(

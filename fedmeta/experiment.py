@@ -17,13 +17,20 @@ from fedmeta.algorithms.maml import MamlPlusPlus
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.functional import InnerOptimizer
 from fedmeta.models import build_model
-from fedmeta.privacy import ServerPrivacy, epsilon_of_releases, noise_generator, protect_update, update_noise_multiplier
+from fedmeta.privacy import (
+    ServerPrivacy,
+    client_side_protection,
+    epsilon_of_releases,
+    noise_generator,
+    protect_update,
+    update_noise_multiplier,
+)
 from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
 from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
-from fedmeta.types import ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, Params
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +111,7 @@ class Outer:
     def step(
         self,
         state: ServerState,
-        updates: Sequence[tuple[str, ClientUpdate]] | SecureSum,
+        updates: Sequence[tuple[str, ClientUpdate]] | ClientRows | SecureSum,
         round_index: int,
     ) -> tuple[ServerState, dict[str, float]]:
         """One outer step from the round's individual updates, or from their secure sum under SecAgg+."""
@@ -253,35 +260,63 @@ class Experiment:
         return eval_protocol(self.config)
 
     def client_update(self, params: Params, client_index: int, round_index: int) -> ClientUpdate:
-        """Training client `client_index`'s update in round `round_index` (0-based), as it leaves the client."""
-        clients = self.federation.train_clients
-        if not 0 <= client_index < len(clients):
-            raise IndexError(f"training client index {client_index} out of range 0..{len(clients) - 1}")
+        """Training client `client_index`'s update in round `round_index` (0-based), as it leaves the client:
+        a cohort of one (`cohort_update`), so that it is the same wherever the client is computed."""
+        return self.cohort_update(params, [client_index], round_index).update(0)
+
+    def cohort_update(self, params: Params, client_indices: Sequence[int], round_index: int) -> ClientRows:
+        """The updates of training clients `client_indices` in round `round_index`, computed together (one
+        vectorised call where the algorithm allows it), each as it leaves its client: every client draws its
+        own tasks from its own seed and is clipped and noised with its own generator, exactly as if alone."""
+        population = self.federation.train_clients
+        for c in client_indices:
+            if not 0 <= c < len(population):
+                raise IndexError(f"training client index {c} out of range 0..{len(population) - 1}")
+        clients = [population[c] for c in client_indices]
         ep, fed = self.config.episode, self.config.federation
-        # Tasks depend on (seed, stream, round, client) alone, so a client draws the same ones on every transport.
-        rng = task_rng(fed.seed, self.algorithm.data_stream, round_index, client_index)
-        tasks = local_tasks(
-            clients[client_index],
-            rng,
-            data_kind=self.algorithm.data_kind,
-            num_tasks=fed.tasks_per_client,
-            ways=ep.ways,
-            shots=ep.training_shots,
-            queries=ep.training_queries,
-            batch_size=self.config.eval.fedavg_batch,
-            support=float(ep.support) if ep.client_tasks else 0.0,
-            samples=ep.client_samples or 0,
+        tasks_by_client = []
+        for c, client in zip(client_indices, clients, strict=True):
+            # Tasks depend on (seed, stream, round, client) alone: a client draws the same ones on every transport.
+            rng = task_rng(fed.seed, self.algorithm.data_stream, round_index, c)
+            tasks_by_client.append(
+                local_tasks(
+                    client,
+                    rng,
+                    data_kind=self.algorithm.data_kind,
+                    num_tasks=fed.tasks_per_client,
+                    ways=ep.ways,
+                    shots=ep.training_shots,
+                    queries=ep.training_queries,
+                    batch_size=self.config.eval.fedavg_batch,
+                    support=float(ep.support) if ep.client_tasks else 0.0,
+                    samples=ep.client_samples or 0,
+                )
+            )
+        directions, metrics = self.algorithm.at_round(round_index).cohort_update(params, tasks_by_client)
+        rows = ClientRows(
+            tuple(client.client_id for client in clients),
+            directions,
+            tuple(len(tasks) for tasks in tasks_by_client),
+            metrics,
         )
-        update = self.algorithm.at_round(round_index).client_update(params, tasks)
-        return protect_update(
-            update,
-            self.config.privacy,
-            secure_aggregation=self.config.secagg.enabled,
-            sampled=self.outer.sampled,
-            seed=fed.seed,
-            round_index=round_index,
-            client_index=client_index,
-        )
+        if not client_side_protection(self.config.privacy, secure_aggregation=self.config.secagg.enabled):
+            return rows
+        protected = [
+            (
+                rows.client_ids[i],
+                protect_update(
+                    rows.update(i),
+                    self.config.privacy,
+                    secure_aggregation=self.config.secagg.enabled,
+                    sampled=self.outer.sampled,
+                    seed=fed.seed,
+                    round_index=round_index,
+                    client_index=c,
+                ),
+            )
+            for i, c in enumerate(client_indices)
+        ]
+        return ClientRows.of(protected)
 
 
 def eval_protocol(config: RunConfig) -> EvalProtocol:

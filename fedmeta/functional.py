@@ -8,7 +8,7 @@ returns plain tensors with no graph, which is how first-order methods and evalua
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -221,12 +221,26 @@ def tree_mean(trees: list[Params], weights: list[float] | None = None) -> Params
     """Weighted mean of parameter dicts with identical keys (weights default to equal)."""
     if not trees:
         raise ValueError("cannot average an empty list of parameter dicts")
-    w = torch.tensor(weights if weights is not None else [1.0] * len(trees), dtype=torch.float64)
-    if (w < 0).any() or w.sum() <= 0:
+    return rows_mean({k: torch.stack([t[k] for t in trees]) for k in trees[0]}, weights)
+
+
+def rows_mean(rows: Params, weights: Sequence[float] | None = None) -> Params:
+    """Weighted mean over the leading axis of stacked parameters (row i of every entry is one client's).
+
+    Accumulated in float64, row after row in order: the result is a function of the rows and their order
+    alone, never of how they were batched or of the thread count, so every transport gets the same bits.
+    """
+    count = next(iter(rows.values())).shape[0]
+    w = torch.tensor(list(weights) if weights is not None else [1.0] * count, dtype=torch.float64)
+    if len(w) != count:
+        raise ValueError(f"{len(w)} weights for {count} rows")
+    if count == 0 or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
     w = w / w.sum()
-    keys = trees[0].keys()
-    return {
-        k: sum((wi * t[k].double() for wi, t in zip(w, trees, strict=True)), torch.zeros(())).to(trees[0][k].dtype)
-        for k in keys
-    }
+    flat = torch.cat([v.reshape(count, -1).double() for v in rows.values()], 1)
+    total = torch.zeros(())
+    for i in range(count):
+        total = total + w[i] * flat[i]
+    sizes = [v[0].numel() if count else 0 for v in rows.values()]
+    parts = torch.split(total, sizes)
+    return {k: part.reshape(v.shape[1:]).to(v.dtype) for (k, v), part in zip(rows.items(), parts, strict=True)}

@@ -13,11 +13,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from fedmeta.config import RobustConfig
-from fedmeta.functional import tree_mean
+from fedmeta.functional import rows_mean
 from fedmeta.privacy.mechanism import ServerPrivacy, global_norm
 from fedmeta.robust import coordinate_median, trimmed_mean
 from fedmeta.server_opt import OptState, OuterOptimizer
-from fedmeta.types import ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, Params
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,28 @@ class RejectedUpdate(ValueError):
 
 def check_update(update: ClientUpdate, params: Params) -> None:
     """Reject updates whose keys, shapes or dtypes differ from the model's, or that hold NaN/Inf."""
-    if set(update.direction) != set(params):
-        raise RejectedUpdate(
-            f"keys differ from the model's: missing {sorted(set(params) - set(update.direction))}, "
-            f"extra {sorted(set(update.direction) - set(params))}"
-        )
+    check_structure(update.direction, params)
     for k, v in update.direction.items():
-        if v.shape != params[k].shape or v.dtype != params[k].dtype:
-            raise RejectedUpdate(
-                f"{k}: got {tuple(v.shape)} {v.dtype}, expected {tuple(params[k].shape)} {params[k].dtype}"
-            )
         if not torch.isfinite(v).all():
             raise RejectedUpdate(f"{k} holds NaN or Inf")
     if update.num_tasks <= 0:
         raise RejectedUpdate(f"num_tasks must be positive, got {update.num_tasks}")
+
+
+def check_structure(direction: Params, params: Params, *, rows: bool = False) -> None:
+    """Reject a direction whose keys, shapes or dtypes differ from the model's (`rows`: behind a leading
+    client axis)."""
+    if set(direction) != set(params):
+        raise RejectedUpdate(
+            f"keys differ from the model's: missing {sorted(set(params) - set(direction))}, "
+            f"extra {sorted(set(direction) - set(params))}"
+        )
+    for k, v in direction.items():
+        shape = v.shape[1:] if rows else v.shape
+        if shape != params[k].shape or v.dtype != params[k].dtype:
+            raise RejectedUpdate(
+                f"{k}: got {tuple(shape)} {v.dtype}, expected {tuple(params[k].shape)} {params[k].dtype}"
+            )
 
 
 def init_state(params: Params, optimizer: OuterOptimizer, *, clip_norm: float | None = None) -> ServerState:
@@ -79,7 +87,7 @@ def init_state(params: Params, optimizer: OuterOptimizer, *, clip_norm: float | 
 
 def apply_round(
     state: ServerState,
-    updates: Sequence[tuple[str, ClientUpdate]],
+    updates: Sequence[tuple[str, ClientUpdate]] | ClientRows,
     optimizer: OuterOptimizer,
     *,
     privacy: ServerPrivacy | None = None,
@@ -87,52 +95,109 @@ def apply_round(
     generator: torch.Generator | None = None,
     robust: RobustConfig | None = None,
 ) -> tuple[ServerState, dict[str, float]]:
-    """One outer step from `(client_id, update)` pairs; bad updates are logged and left out.
+    """One outer step from the round's updates - `(client_id, update)` pairs, or the rows of cohorts of
+    clients - bad ones logged and left out. Either form gives the same bits: updates are ordered by client id
+    and averaged row after row (`fedmeta.functional.rows_mean`).
 
     A round with no acceptable update leaves the state unchanged (and says so in the metrics) rather than
     stepping on an empty average. With `privacy`, accepted clients count equally, their clipped sum is noised
     and divided by `sampled` (the number of clients asked, fixed in advance), and the release is recorded.
     """
-    accepted: list[tuple[str, ClientUpdate]] = []
-    for client_id, update in sorted(updates, key=lambda pair: pair[0]):
-        try:
-            check_update(update, state.params)
-            if robust is not None and robust.max_update_norm is not None:
-                norm = global_norm(update.direction)
-                if norm > robust.max_update_norm:
-                    raise RejectedUpdate(f"norm {norm:.4g} exceeds robust.max_update_norm {robust.max_update_norm:g}")
-        except RejectedUpdate as reason:
-            log.warning("round %d: rejected update from client %s: %s", state.round + 1, client_id, reason)
-            continue
-        accepted.append((client_id, update))
-    metrics: dict[str, float] = {"clients": len(accepted), "rejected": len(updates) - len(accepted)}
-    if not accepted:
+    received = len(updates)
+    rows = accepted_rows(updates, state, robust)
+    metrics: dict[str, float] = {"clients": len(rows), "rejected": received - len(rows)}
+    if not len(rows):
         log.warning("round %d: no acceptable update; meta-parameters unchanged", state.round + 1)
         return replace(state, round=state.round + 1), metrics
-    weights = [float(u.num_tasks) for _, u in accepted]
+    weights = [float(n) for n in rows.num_tasks]
     clip_norm, releases = state.clip_norm, state.dp_releases
-    if privacy is None:
-        directions = [u.direction for _, u in accepted]
-        aggregator = robust.aggregator if robust is not None else "mean"
+    aggregator = robust.aggregator if robust is not None else "mean"
+    if privacy is None and aggregator == "mean":
+        direction = rows_mean(rows.directions, weights)
+    elif privacy is None:
+        directions = [rows.update(i).direction for i in range(len(rows))]
         if aggregator == "median":
             direction = coordinate_median(directions)
-        elif aggregator == "trimmed-mean":
-            direction = trimmed_mean(directions, robust.trim_fraction if robust is not None else 0.0)
         else:
-            direction = tree_mean(directions, weights)
+            direction = trimmed_mean(directions, robust.trim_fraction if robust is not None else 0.0)
     else:
         if clip_norm is None or generator is None:
             raise ValueError("a private round needs the state's clip norm and a noise generator")
-        asked = sampled if sampled is not None else len(accepted)
+        asked = sampled if sampled is not None else len(rows)
         direction, clip_norm, dp_metrics = privacy.aggregate(
-            [u.direction for _, u in accepted], clip_norm=clip_norm, sampled=asked, generator=generator
+            [rows.update(i).direction for i in range(len(rows))],
+            clip_norm=clip_norm,
+            sampled=asked,
+            generator=generator,
         )
-        releases = (*releases, privacy.release_multiplier(replied=len(accepted), sampled=asked))
+        releases = (*releases, privacy.release_multiplier(replied=len(rows), sampled=asked))
         metrics.update(dp_metrics)
     metrics["tasks"] = sum(weights)
-    for name in accepted[0][1].metrics:
-        metrics[name] = sum(w * u.metrics[name] for w, (_, u) in zip(weights, accepted, strict=True)) / sum(weights)
+    for name, values in rows.metrics.items():
+        metrics[name] = sum(w * m for w, m in zip(weights, values, strict=True)) / sum(weights)
     return _step(state, direction, optimizer, clip_norm, releases, metrics)
+
+
+def accepted_rows(
+    updates: Sequence[tuple[str, ClientUpdate]] | ClientRows, state: ServerState, robust: RobustConfig | None
+) -> ClientRows:
+    """The acceptable updates as rows ordered by client id; each refused one logged with its reason.
+
+    Rows from one cohort share keys and shapes: those are checked once for the whole cohort, finiteness and
+    norms row by row.
+    """
+    max_norm = robust.max_update_norm if robust is not None else None
+
+    def refuse(client_id: str, reason: object) -> None:
+        log.warning("round %d: rejected update from client %s: %s", state.round + 1, client_id, reason)
+
+    if not isinstance(updates, ClientRows):
+        accepted = []
+        for client_id, update in sorted(updates, key=lambda pair: pair[0]):
+            try:
+                check_update(update, state.params)
+                _check_norm(update.direction, max_norm)
+            except RejectedUpdate as reason:
+                refuse(client_id, reason)
+                continue
+            accepted.append((client_id, update))
+        return ClientRows.of(accepted) if accepted else _no_rows(state.params)
+    order = sorted(range(len(updates)), key=lambda i: updates.client_ids[i])
+    try:
+        check_structure(updates.directions, state.params, rows=True)
+    except RejectedUpdate as reason:  # the whole cohort has the wrong model
+        for i in order:
+            refuse(updates.client_ids[i], reason)
+        return _no_rows(state.params)
+    finite = torch.ones(len(updates), dtype=torch.bool)
+    for v in updates.directions.values():
+        finite &= torch.isfinite(v.reshape(len(updates), -1)).all(1)
+    kept = []
+    for i in order:
+        client_id = updates.client_ids[i]
+        try:
+            if not finite[i]:
+                raise RejectedUpdate("holds NaN or Inf")
+            if updates.num_tasks[i] <= 0:
+                raise RejectedUpdate(f"num_tasks must be positive, got {updates.num_tasks[i]}")
+            if max_norm is not None:
+                _check_norm(updates.update(i).direction, max_norm)
+        except RejectedUpdate as reason:
+            refuse(client_id, reason)
+            continue
+        kept.append(i)
+    return updates if kept == list(range(len(updates))) else updates.take(kept)
+
+
+def _check_norm(direction: Params, max_norm: float | None) -> None:
+    if max_norm is not None:
+        norm = global_norm(direction)
+        if norm > max_norm:
+            raise RejectedUpdate(f"norm {norm:.4g} exceeds robust.max_update_norm {max_norm:g}")
+
+
+def _no_rows(params: Params) -> ClientRows:
+    return ClientRows((), {k: v.new_empty((0, *v.shape)) for k, v in params.items()}, ())
 
 
 def apply_secure_sum(

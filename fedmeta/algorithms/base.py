@@ -33,8 +33,10 @@ from fedmeta.models import init_params
 from fedmeta.types import ClientUpdate, Params, Task
 
 # Tasks per vectorised call on a CPU when the chunk is automatic: measured fastest for Conv4 on Omniglot
-# (larger chunks leave the caches; benchmarks/RESULTS.md).
+# (larger chunks leave the caches; benchmarks/RESULTS.md) - at least 8 tasks, and as many more as hold no
+# more input values than 8 Omniglot 5-way 1-shot episodes (so a cohort of tiny sinusoid tasks is one call).
 CPU_TASK_CHUNK = 8
+CPU_CHUNK_VALUES = CPU_TASK_CHUNK * 80 * 28 * 28
 
 
 class Algorithm(ABC):
@@ -102,6 +104,11 @@ class Algorithm(ABC):
         """
         if not tasks:
             raise ValueError("client_update needs at least one task")
+        if self._vectorises([tasks]):  # a cohort of one: the same computation as in any cohort, the same bits
+            directions, metrics = self.cohort_update(params, [tasks])
+            return ClientUpdate(
+                {k: v[0] for k, v in directions.items()}, len(tasks), {k: v[0] for k, v in metrics.items()}
+            )
         device_params = self._to_device(params)
         if not self.batched:
             results = [self.task_direction(device_params, self._task_to_device(task)) for task in tasks]
@@ -122,15 +129,76 @@ class Algorithm(ABC):
         means = torch.stack([torch.cat(v).mean() for v in per_task.values()]).tolist()
         return ClientUpdate(direction=direction, num_tasks=len(tasks), metrics=dict(zip(per_task, means, strict=True)))
 
+    # -- cohorts: many clients' parts in one call ----------------------------------------------------------
+    # Whether `task_directions` gives each task's own direction, so that a cohort of clients is one vectorised
+    # computation; otherwise a cohort is a loop over its clients (the same updates, no faster).
+    has_task_directions: ClassVar[bool] = False
+
+    def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Each task's own direction, stacked (T, ...), and each task's metrics (T,)."""
+        raise NotImplementedError(f"{self.name} has no per-task directions; use batch_direction")
+
+    def cohort_update(
+        self, params: Params, tasks_by_client: Sequence[Sequence[Task]]
+    ) -> tuple[Params, dict[str, tuple[float, ...]]]:
+        """The client parts of several clients: their directions stacked (clients, ...) on the CPU, and each
+        client's metrics. Every client's row equals its own `client_update`: with per-task directions the
+        cohort's tasks go through the vectorised engine together (a client's own update is a cohort of one,
+        so both take the same computation), otherwise the clients are computed one after another."""
+        if not tasks_by_client or not all(tasks_by_client):
+            raise ValueError("a cohort needs at least one client, each with at least one task")
+        if not self._vectorises(tasks_by_client):
+            updates = [self.client_update(params, tasks) for tasks in tasks_by_client]
+            return (
+                {k: torch.stack([u.direction[k] for u in updates]) for k in updates[0].direction},
+                {name: tuple(u.metrics[name] for u in updates) for name in updates[0].metrics},
+            )
+        flat = [task for tasks in tasks_by_client for task in tasks]
+        per_client = len(tasks_by_client[0])
+        device_params = self._to_device(params)
+        parts: list[Params] = []
+        per_task: dict[str, list[Tensor]] = {}
+        # Chunks of whole clients, so that a chunk never mixes parts of a client with other clients' tasks.
+        clients_per_chunk = max(1, self._chunk_size(len(flat), flat[0]) // per_client)
+        for chunk in TaskBatch.stack(flat, self.device).chunks(clients_per_chunk * per_client):
+            with self._precision():
+                directions, chunk_metrics = self.task_directions(device_params, chunk)
+            parts.append({k: v.detach() for k, v in directions.items()})
+            for name, values in chunk_metrics.items():
+                per_task.setdefault(name, []).append(values.detach().double())
+        clients = len(tasks_by_client)
+        stacked = {
+            k: torch.cat([part[k] for part in parts]).view(clients, per_client, *params[k].shape).sum(1) / per_client
+            for k in parts[0]
+        }
+        metrics = {name: torch.cat(v).view(clients, per_client).mean(1).tolist() for name, v in per_task.items()}
+        return self._to_host(stacked, params), {name: tuple(v) for name, v in metrics.items()}
+
+    def _vectorises(self, tasks_by_client: Sequence[Sequence[Task]]) -> bool:
+        """Whether these clients' tasks go through `task_directions` together: per-task directions, the batched
+        engine, and one task count and one task shape for all."""
+        if not (self.has_task_directions and self.batched):
+            return False
+        first = tasks_by_client[0][0]
+        shape = (first.support_x.shape, first.query_x.shape, first.support_y.shape, first.query_y.shape)
+        return all(len(tasks) == len(tasks_by_client[0]) for tasks in tasks_by_client) and all(
+            (t.support_x.shape, t.query_x.shape, t.support_y.shape, t.query_y.shape) == shape
+            for tasks in tasks_by_client
+            for t in tasks
+        )
+
     # -- compute placement --------------------------------------------------------------------------------
-    def _chunk_size(self, num_tasks: int) -> int:
+    def _chunk_size(self, num_tasks: int, task: Task) -> int:
         if self.task_chunk > 0:
             return self.task_chunk
-        return CPU_TASK_CHUNK if self.device.type == "cpu" else num_tasks
+        if self.device.type != "cpu":
+            return num_tasks
+        values = task.support_x.numel() + task.query_x.numel()
+        return max(CPU_TASK_CHUNK, CPU_CHUNK_VALUES // max(values, 1))
 
     def _chunks(self, tasks: Sequence[Task]) -> Iterator[TaskBatch]:
         """The tasks stacked, moved to the device once, and cut into chunks of at most `task_chunk` tasks."""
-        return TaskBatch.stack(tasks, self.device).chunks(self._chunk_size(len(tasks)))
+        return TaskBatch.stack(tasks, self.device).chunks(self._chunk_size(len(tasks), tasks[0]))
 
     def _precision(self) -> contextlib.AbstractContextManager[None]:
         if self.precision == "bf16":

@@ -217,20 +217,8 @@ class MAML(Algorithm):
 
     def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         if self.first_order:
-            # Adapt with no graph (plain tensors at top level), then each task's query gradient at its own
-            # adapted weights: the gradient of the summed query losses with respect to the per-task weights.
-            model, trajectory, query_x = self._batch_inner_loop(params, batch, self.inner_steps)
-            *_, fast = trajectory
-            fast = {k: v.detach() for k, v in fast.items()}
-
-            def query_loss(f: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-                logits = batched.batched_forward(model, f, query_x)
-                losses = batched.task_losses(self.kind, logits, batch.query_y)
-                return losses.sum(), (losses.detach(), logits.detach())
-
-            per_task_grads, (losses, logits) = grad(query_loss, has_aux=True)(fast)
-            direction = {k: g.sum(0) for k, g in per_task_grads.items()}
-            return direction, self._batch_metrics(losses, logits, batch.query_y)
+            directions, metrics = self._first_order_directions(params, batch)
+            return {k: g.sum(0) for k, g in directions.items()}, metrics
         step_weights = self.plus.step_weights(self.inner_steps, self.round_index)
 
         # Second order (or DA's first order): the summed, step-weighted query losses, differentiated through
@@ -250,6 +238,22 @@ class MAML(Algorithm):
 
         direction, (losses, logits) = grad(meta_loss, has_aux=True)(params)
         return direction, self._batch_metrics(losses, logits, batch.query_y)
+
+    def _first_order_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Each task's first-order direction (T, ...): adapt with no graph (plain tensors at top level), then
+        each task's query gradient at its own adapted weights - the gradient of the summed query losses with
+        respect to the per-task weights."""
+        model, trajectory, query_x = self._batch_inner_loop(params, batch, self.inner_steps)
+        *_, fast = trajectory
+        fast = {k: v.detach() for k, v in fast.items()}
+
+        def query_loss(f: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            logits = batched.batched_forward(model, f, query_x)
+            losses = batched.task_losses(self.kind, logits, batch.query_y)
+            return losses.sum(), (losses.detach(), logits.detach())
+
+        per_task_grads, (losses, logits) = grad(query_loss, has_aux=True)(fast)
+        return per_task_grads, self._batch_metrics(losses, logits, batch.query_y)
 
 
 def _strip_head(lr: InnerLR) -> InnerLR:
@@ -277,6 +281,10 @@ class FOMAML(MAML):
 
     name = "fomaml"
     first_order = True
+    has_task_directions = True
+
+    def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        return self._first_order_directions(params, batch)
 
 
 class ANIL(MAML):

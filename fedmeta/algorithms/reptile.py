@@ -19,6 +19,7 @@ from fedmeta.types import Params, Task
 
 class Reptile(Algorithm):
     name = "reptile"
+    has_task_directions = True
 
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         x = torch.cat([task.support_x, task.query_x])
@@ -38,6 +39,10 @@ class Reptile(Algorithm):
         return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
 
     def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        directions, metrics = self.task_directions(params, batch)
+        return {k: v.sum(0) for k, v in directions.items()}, metrics
+
+    def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         x, y = batch.pooled()
         fast = batched.adapt(
             self.model,
@@ -49,10 +54,10 @@ class Reptile(Algorithm):
             inner_lr=self.inner_lr,
             optimizer=self.inner_optimizer,
         )
-        pseudo_grad_sum = {k: (params[k].unsqueeze(0) - fast[k]).sum(0) for k in params}
+        pseudo_grads = {k: params[k].unsqueeze(0) - fast[k] for k in params}
         with torch.no_grad():
             logits = batched.batched_forward(self.model, fast, x)
-        return pseudo_grad_sum, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)
+        return pseudo_grads, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)
 
 
 class FedAvg(SequentialLocal):

@@ -14,6 +14,11 @@ from fedmeta.privacy.mechanism import ClientPrivacy, noise_generator
 from fedmeta.types import ClientUpdate
 
 
+def client_side_protection(privacy: PrivacyConfig, *, secure_aggregation: bool) -> bool:
+    """Whether a client clips (and perhaps noises) its update before it leaves (`protect_update` changes it)."""
+    return privacy.enabled and (privacy.mode != "central" or secure_aggregation)
+
+
 def protect_update(
     update: ClientUpdate,
     privacy: PrivacyConfig,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import urllib.request
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -59,8 +60,13 @@ class Federation:
     num_global_outputs: int
 
     def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
-        for client in [*self.train_clients, *self.unseen_clients]:
-            client.check_episode(ways=ways, shots=shots, queries=queries)
+        for group in (self.train_clients, self.unseen_clients):
+            if isinstance(group, Population):  # alike by construction: one client answers for all
+                if len(group):
+                    group[0].check_episode(ways=ways, shots=shots, queries=queries)
+                continue
+            for client in group:
+                client.check_episode(ways=ways, shots=shots, queries=queries)
 
     def check_split(self, support: float, samples: int | None = None) -> None:
         for client in [*self.train_clients, *self.unseen_clients]:
@@ -68,6 +74,33 @@ class Federation:
             if check is None:
                 raise DataError(f"{self.name} clients cannot split their own data into tasks (episode.client_tasks)")
             check(support, samples)
+
+
+class Population(Sequence[ClientData]):
+    """`size` clients, client i made by `make(i)` only when asked for: a federation of a million clients costs
+    no memory until some are sampled. `make` must be a pure function of i (a client is derived from the run
+    seed and its index), so a client is the same whenever and wherever it is made; the last `cache` clients
+    made are kept."""
+
+    def __init__(self, size: int, make: Callable[[int], ClientData], *, cache: int = 4096) -> None:
+        if size < 0:
+            raise ValueError(f"a population cannot have {size} clients")
+        self._size = size
+        self._make = functools.lru_cache(maxsize=cache)(make)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, index: int) -> ClientData:  # type: ignore[override]
+        if isinstance(index, slice):
+            raise TypeError("a population is indexed one client at a time")
+        position = index + self._size if index < 0 else index
+        if not 0 <= position < self._size:
+            raise IndexError(f"client {index} of a population of {self._size}")
+        return self._make(position)
+
+    def __iter__(self) -> Iterator[ClientData]:
+        return (self[i] for i in range(self._size))
 
 
 def support_count(samples: int, support: float) -> int:

@@ -134,13 +134,13 @@ def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
     experiment = Experiment.from_config(config)
     seen: list[int] = []
     algorithm = experiment.algorithm
-    original = algorithm.client_update
+    original = algorithm.cohort_update
 
-    def spy(params, tasks):
-        seen.extend((t.support_x.shape[0], t.query_x.shape[0]) for t in tasks)
-        return original(params, tasks)
+    def spy(params, tasks_by_client):
+        seen.extend((t.support_x.shape[0], t.query_x.shape[0]) for tasks in tasks_by_client for t in tasks)
+        return original(params, tasks_by_client)
 
-    algorithm.client_update = spy  # type: ignore[method-assign]
+    algorithm.cohort_update = spy  # type: ignore[method-assign]
     experiment.client_update(experiment.initial_params(), 0, 0)
 
     assert seen == [(7, 0)] * config.federation.tasks_per_client

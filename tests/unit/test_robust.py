@@ -93,6 +93,7 @@ def _attacked_run(tmp_path: Path, monkeypatch, aggregator: str, attack: bool) ->
             "outer.outer_lr": 0.02,
             "robust.aggregator": aggregator,
             "robust.trim_fraction": 0.25,  # drops 2 of 8 at each end: as many as there are liars
+            "compute.cohorts": False,  # one client_update per client: the liars are patched in there
         }
     )
     summary = simulate(config, tmp_path / f"{aggregator}-{attack}", progress=False)
