@@ -3,7 +3,8 @@
 A node's data partition comes from its node config: `partition-id` and `num-partitions` (set by Flower's
 simulation engine, or by `flower-supernode --node-config` in a deployment), optionally `data-dir` for where
 this node keeps its data and `device` (cpu / cuda / auto) for where it computes. Partitions 0..T-1 are the
-T training clients, T..T+U-1 the U unseen clients.
+T training clients, T..T+U-1 the U unseen clients. With `compute.workers` = W the node is a cohort worker
+instead: partition p of W computes every client c with c mod W = p, all of a round's in one call.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ from fedmeta.round import check_update
 from fedmeta.runtime import apply_threads, tune_allocator
 from fedmeta.tasks import Federation, build_federation
 from fedmeta.types import ClientUpdate
-from wire.records import arrays_to_params, get_int, record_to_params, update_to_arrays, update_to_content
+from wire.records import (
+    arrays_to_params,
+    get_int,
+    get_int_list,
+    record_to_params,
+    rows_to_content,
+    update_to_arrays,
+    update_to_content,
+)
 
 log = logging.getLogger(__name__)
 tune_allocator()  # this process computes client parts: keep big temporaries mapped (fedmeta.runtime)
@@ -62,6 +71,7 @@ def _setup(message: Message, context: Context, flat: dict[str, Any] | None = Non
     config) and the node config."""
     flat = dict(message.content.config_records[wire.CONFIG] if flat is None else flat)
     flat.pop(wire.ROUND, None)
+    flat.pop(wire.CLIENTS, None)
     if "data-dir" in context.node_config:  # the node's own data location wins over the server's default
         flat["data.data_dir"] = str(context.node_config["data-dir"])
     if "device" in context.node_config:  # so does its own device (a GPU node among CPU nodes)
@@ -70,36 +80,56 @@ def _setup(message: Message, context: Context, flat: dict[str, Any] | None = Non
     apply_threads(config, one_client_per_process=True)
     experiment = _experiment(config)
     train, unseen = len(experiment.federation.train_clients), len(experiment.federation.unseen_clients)
+    workers = config.compute.workers
+    partitions = workers or train + unseen
     try:
         partition = int(context.node_config["partition-id"])
         num_partitions = int(context.node_config["num-partitions"])
     except KeyError as missing:
         raise PartitionError(
             f"node config lacks {missing}; start the SuperNode with "
-            f"--node-config 'partition-id=P num-partitions={train + unseen}'"
+            f"--node-config 'partition-id=P num-partitions={partitions}'"
         ) from None
-    if num_partitions != train + unseen:
+    if num_partitions != partitions:
         raise PartitionError(
-            f"num-partitions={num_partitions}, but the federation has {train} training + "
+            f"num-partitions={num_partitions}, but compute.workers is {workers}: {workers} cohort workers"
+            if workers
+            else f"num-partitions={num_partitions}, but the federation has {train} training + "
             f"{unseen} unseen clients = {train + unseen} partitions"
         )
-    if not 0 <= partition < train + unseen:
-        raise PartitionError(f"partition-id={partition} is out of range 0..{train + unseen - 1}")
+    if not 0 <= partition < partitions:
+        raise PartitionError(f"partition-id={partition} is out of range 0..{partitions - 1}")
+    if workers:
+        return experiment, wire.ROLE_WORKER, partition
     if partition < train:
         return experiment, wire.ROLE_TRAIN, partition
     return experiment, wire.ROLE_UNSEEN, partition - train
 
 
+def _worker_clients(experiment: Experiment, worker: int, config: Any, population: int) -> list[int]:
+    """The clients a cohort worker is asked to compute: each must be one of its own (c mod W = worker)."""
+    clients = get_int_list(config, wire.CLIENTS)
+    workers = experiment.config.compute.workers
+    for c in clients:
+        if not 0 <= c < population or c % workers != worker:
+            raise PartitionError(
+                f"client {c} is not one of worker {worker}'s (clients c with c mod {workers} = {worker})"
+            )
+    return clients
+
+
 def _client_record(experiment: Experiment, role: str, index: int) -> ConfigRecord:
     fed = experiment.federation
     clients = fed.train_clients if role == wire.ROLE_TRAIN else fed.unseen_clients
+    workers = experiment.config.compute.workers
     return ConfigRecord(
         {
             wire.ROLE: role,
             wire.INDEX: index,
-            wire.CLIENT_ID: clients[index].client_id,
+            wire.CLIENT_ID: f"worker-{index}" if role == wire.ROLE_WORKER else clients[index].client_id,
             wire.NUM_TRAIN: len(fed.train_clients),
-            wire.NUM_PARTITIONS: len(fed.train_clients) + len(fed.unseen_clients),
+            wire.NUM_UNSEEN: len(fed.unseen_clients),
+            wire.NUM_PARTITIONS: workers or len(fed.train_clients) + len(fed.unseen_clients),
             wire.NUM_GLOBAL_OUTPUTS: fed.num_global_outputs,
         }
     )
@@ -130,7 +160,7 @@ def train(message: Message, context: Context) -> Message:
     secure = SECURE_PARAMS in message.content.array_records
     fit = compat.recorddict_to_fitins(message.content, keep_input=True) if secure else None
     experiment, role, index = _setup(message, context, dict(fit.config) if fit else None)
-    if role != wire.ROLE_TRAIN:
+    if role == wire.ROLE_UNSEEN:
         raise PartitionError(
             f"unseen client {index} was asked to train; only partitions below "
             f"{len(experiment.federation.train_clients)} train"
@@ -146,6 +176,9 @@ def train(message: Message, context: Context) -> Message:
             params = arrays_to_params(parameters_to_ndarrays(fit.parameters), template)
     except ValueError as error:  # RejectedUpdate included
         raise ModelMismatch(f"the server's model does not match this client's: {error}") from None
+    if role == wire.ROLE_WORKER:
+        clients = _worker_clients(experiment, index, config, len(experiment.federation.train_clients))
+        return Message(rows_to_content(experiment.cohort_update(params, clients, round_index)), reply_to=message)
     update = experiment.client_update(params, index, round_index)
     if fit is None:
         client_id = experiment.federation.train_clients[index].client_id
@@ -171,12 +204,21 @@ def evaluate(message: Message, context: Context) -> Message:
     )
     clients = experiment.federation.train_clients if role == wire.ROLE_TRAIN else experiment.federation.unseen_clients
     protocol = dict(message.content.config_records[wire.PROTOCOL])
-    curves = client_curves(experiment.algorithm, models, clients[index], index, **protocol)  # type: ignore[arg-type]
+    if role == wire.ROLE_WORKER:  # its unseen clients, asked for by index; curves concatenated in that order
+        config = message.content.config_records[wire.CONFIG]
+        indices = _worker_clients(experiment, index, config, len(experiment.federation.unseen_clients))
+        clients = experiment.federation.unseen_clients
+    else:
+        indices = [index]
+    per_client = [
+        client_curves(experiment.algorithm, models, clients[i], i, **protocol)  # type: ignore[arg-type]
+        for i in indices
+    ]
     metrics = MetricRecord(
         {
-            wire.curve_key(name, step): curve[:, step].tolist()
-            for name, curve in curves.items()
-            for step in range(curve.shape[1])
+            wire.curve_key(name, step): [x for curves in per_client for x in curves[name][:, step].tolist()]
+            for name in models
+            for step in range(per_client[0][name].shape[1])
         }
     )
     return Message(

@@ -556,6 +556,12 @@ class ComputeConfig:
         "client's update is what it computes alone); off (--client-loop): one client after another",
         flag="--client-loop",
     )
+    workers: int = option(
+        0,
+        "Flower nodes as cohort workers: 0 - one node per client (the federation's partitions); W - W nodes, node "
+        "p computing every client c with c mod W = p (training and unseen), all of a round's in one call",
+        flag="--workers",
+    )
     task_chunk: int = option(
         0,
         "at most N tasks per vectorised call, to bound memory (0: on a CPU 8 Omniglot episodes' worth, at least "
@@ -580,6 +586,10 @@ class ComputeConfig:
             f"compute.task_chunk must be a non-negative integer (0: automatic), got {self.task_chunk!r}",
         )
         _require(self.precision in PRECISIONS, f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        _require(
+            isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0,
+            f"compute.workers must be a non-negative integer (0: one node per client), got {self.workers!r}",
+        )
         _require(
             isinstance(self.threads, int) and not isinstance(self.threads, bool) and self.threads >= 0,
             f"compute.threads must be a non-negative integer (0: automatic), got {self.threads!r}",
@@ -715,6 +725,12 @@ class RunConfig:
                 "it cannot be combined with privacy or secagg",
             )
         if self.secagg.enabled:
+            # SecAgg+ hides each node's message; a cohort worker's message is many clients' rows.
+            _require(
+                self.compute.workers == 0,
+                "secagg masks one client's update per node; with compute.workers each node sends many clients' "
+                "updates - use --workers 0 (one node per client) with --secagg",
+            )
             # Adaptive clipping needs each client's "was I clipped" bit; under SecAgg+ the server never sees it.
             _require(
                 not self.privacy.adaptive_clipping,

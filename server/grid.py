@@ -23,9 +23,9 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary
 from fedmeta.experiment import EvalProtocol
 from fedmeta.loop import FederationInfo, Replies, run
-from fedmeta.types import ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, Params
 from server.secagg import secure_round
-from wire.records import content_to_update, get_int, params_to_record
+from wire.records import content_to_rows, content_to_update, get_int, params_to_record
 
 log = logging.getLogger(__name__)
 SERVER_PREFIX = "server."
@@ -85,6 +85,7 @@ class GridTransport:
         self.options = options
         self.train_nodes: dict[int, Node] = {}
         self.unseen_nodes: dict[int, Node] = {}
+        self.worker_nodes: dict[int, Node] = {}  # compute.workers > 0: cohort workers by partition
         # Learned from the nodes at discovery: the federation's partitions, and how many of them train.
         self._num_partitions: int | None = None
         self._info: FederationInfo | None = None
@@ -115,14 +116,27 @@ class GridTransport:
             node_ids = list(self.grid.get_node_ids())
         self.train_nodes = {n.index: n for n in nodes if n.role == wire.ROLE_TRAIN}
         self.unseen_nodes = {n.index: n for n in nodes if n.role == wire.ROLE_UNSEEN}
-        log.info(
-            "federation: %d training and %d unseen clients connected", len(self.train_nodes), len(self.unseen_nodes)
-        )
+        self.worker_nodes = {n.index: n for n in nodes if n.role == wire.ROLE_WORKER}
         assert self._info is not None  # set by _nodes from the first answer
+        if self.worker_nodes:
+            log.info(
+                "federation: %d cohort workers connected for %d training and %d unseen clients",
+                len(self.worker_nodes),
+                self._info.num_train,
+                self._info.num_unseen,
+            )
+        else:
+            log.info(
+                "federation: %d training and %d unseen clients connected",
+                len(self.train_nodes),
+                len(self.unseen_nodes),
+            )
         return self._info
 
     def train(self, config: RunConfig, params: Params, round_index: int, clients: Sequence[int]) -> Replies:
         self.rejoin(config)
+        if config.compute.workers:
+            return self._train_cohorts(config, params, round_index, clients)
         present = [c for c in clients if c in self.train_nodes]
         node_ids = [self.train_nodes[c].node_id for c in present]
         if config.secagg.enabled:
@@ -173,14 +187,25 @@ class GridTransport:
         """Personalised evaluation on those of `clients` (unseen client indices) that are connected."""
         content: dict[str, ArrayRecord | MetricRecord | ConfigRecord] = {
             wire.PARAMS: params_to_record(models["meta"]),
-            wire.CONFIG: ConfigRecord(config.to_flat()),
             wire.PROTOCOL: ConfigRecord(dict(protocol)),
         }
         content.update({wire.BASELINE_PREFIX + k: params_to_record(v) for k, v in models.items() if k != "meta"})
+        flat = config.to_flat()
+        # Which clients each message asks for: one client per node, or a worker's share of them.
+        asked: dict[int, list[int]] = {}
+        if config.compute.workers:
+            for c in clients:
+                if (node := self.worker_nodes.get(c % config.compute.workers)) is not None:
+                    asked.setdefault(node.node_id, []).append(c)
+        else:
+            asked = {self.unseen_nodes[i].node_id: [i] for i in clients if i in self.unseen_nodes}
         messages = [
-            Message(RecordDict(content), dst_node_id=self.unseen_nodes[i].node_id, message_type="evaluate")
-            for i in clients
-            if i in self.unseen_nodes
+            Message(
+                RecordDict({**content, wire.CONFIG: ConfigRecord({**flat, wire.CLIENTS: indices})}),
+                dst_node_id=node_id,
+                message_type="evaluate",
+            )
+            for node_id, indices in asked.items()
         ]
         per_client: dict[int, dict[str, np.ndarray]] = {}
         steps = protocol["steps"]
@@ -189,11 +214,11 @@ class GridTransport:
                 log.warning("evaluation: node %s failed: %s", reply.metadata.src_node_id, reply.error.reason)
                 continue
             metrics = reply.content.metric_records[wire.METRICS]
-            index = get_int(reply.content.config_records[wire.CLIENT], wire.INDEX)
-            per_client[index] = {
-                name: np.array([metrics[wire.curve_key(name, s)] for s in range(steps + 1)], dtype=np.float64).T
-                for name in models
-            }
+            indices = asked[reply.metadata.src_node_id]
+            for name in models:
+                values = np.array([metrics[wire.curve_key(name, s)] for s in range(steps + 1)], dtype=np.float64).T
+                for i, part in zip(indices, np.split(values, len(indices)), strict=True):
+                    per_client.setdefault(i, {})[name] = part
         if not per_client:
             raise RuntimeError("no unseen client answered the evaluation round")
         return {name: np.stack([per_client[i][name] for i in sorted(per_client)]) for name in models}
@@ -218,7 +243,11 @@ class GridTransport:
         # A node that cannot join (an error reply) is not asked again; a silent one is asked next round.
         self._refused |= {r.metadata.src_node_id for r in replies if r.has_error()}
         for node in self._nodes(replies):
-            table = self.train_nodes if node.role == wire.ROLE_TRAIN else self.unseen_nodes
+            table = {
+                wire.ROLE_TRAIN: self.train_nodes,
+                wire.ROLE_UNSEEN: self.unseen_nodes,
+                wire.ROLE_WORKER: self.worker_nodes,
+            }[node.role]
             previous = table.get(node.index)
             table[node.index] = node
             log.info(
@@ -251,7 +280,7 @@ class GridTransport:
             outputs = get_int(record, wire.NUM_GLOBAL_OUTPUTS)
             self._info = FederationInfo(
                 num_train=num_train,
-                num_unseen=self._num_partitions - num_train,
+                num_unseen=get_int(record, wire.NUM_UNSEEN),
                 num_global_outputs=outputs if outputs > 0 else None,
             )
         duplicates = {
@@ -260,6 +289,73 @@ class GridTransport:
         if duplicates:
             raise RuntimeError(f"several nodes claim the same partition(s): {sorted(duplicates)}")
         return nodes
+
+    def _train_cohorts(self, config: RunConfig, params: Params, round_index: int, clients: Sequence[int]) -> Replies:
+        """A round over cohort workers: each computes its share of the sampled clients and returns their rows."""
+        workers = config.compute.workers
+        asked: dict[int, list[int]] = {}
+        for c in clients:
+            if (node := self.worker_nodes.get(c % workers)) is not None:
+                asked.setdefault(node.node_id, []).append(c)
+        record = params_to_record(params)
+        flat = config.to_flat()
+        messages = [
+            Message(
+                RecordDict(
+                    {
+                        wire.PARAMS: record,
+                        wire.CONFIG: ConfigRecord({**flat, wire.ROUND: round_index, wire.CLIENTS: indices}),
+                    }
+                ),
+                dst_node_id=node_id,
+                message_type="train",
+                group_id=str(round_index + 1),
+            )
+            for node_id, indices in asked.items()
+        ]
+        parts: list[ClientRows] = []
+        failed = answered = 0
+        for reply in self.grid.send_and_receive(messages, timeout=self.options.round_timeout):
+            sent = len(asked.get(reply.metadata.src_node_id, []))
+            answered += sent
+            if reply.has_error():
+                failed += sent
+                log.warning(
+                    "round %d: worker node %s failed: %s",
+                    round_index + 1,
+                    reply.metadata.src_node_id,
+                    reply.error.reason,
+                )
+                continue
+            try:
+                rows = content_to_rows(reply.content)
+                if len(rows) != sent:
+                    raise ValueError(f"{len(rows)} rows for {sent} clients")
+                parts.append(rows)
+            except (KeyError, TypeError, ValueError) as error:
+                failed += sent
+                log.warning(
+                    "round %d: malformed reply from worker node %s: %r",
+                    round_index + 1,
+                    reply.metadata.src_node_id,
+                    error,
+                )
+        present = sum(len(v) for v in asked.values())
+        rows = ClientRows.concat(parts) if parts else None
+        received = len(rows) if rows is not None else 0
+        replies = Replies(
+            rows, received=received, failed=failed, timed_out=present - answered, absent=len(clients) - present
+        )
+        needed = self.options.min_replies or len(clients)
+        if rows is None or received < needed:
+            log.warning(
+                "round %d: %d replies, fewer than the %d required; meta-parameters unchanged",
+                round_index + 1,
+                received,
+                needed,
+            )
+            replies.updates = None
+        return replies
 
     def _train_replies(
         self, config: RunConfig, params: Params, round_index: int, node_ids: list[int]

@@ -119,13 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine",
         choices=["local", "ray"],
         default="local",
-        help="local: in-process loop; ray: Flower's simulation engine, one virtual SuperNode per client",
+        help="local: in-process loop; ray: Flower's simulation engine, one virtual SuperNode per client (or per "
+        "cohort worker, --workers)",
     )
     sim.add_argument(
         "--num-clients", dest="data.num_train_clients", type=int, metavar="N", help="alias of --num-train-clients"
     )
     sim.add_argument("--cpus-per-client", type=float, default=1.0, help="ray engine: CPUs per virtual client")
-    sim.add_argument("--gpus-per-client", type=float, default=0.0, help="ray engine: GPU fraction per virtual client")
+    sim.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=0.0,
+        help="ray engine: GPU fraction per virtual client (with --workers, each worker's GPU share serves its cohort)",
+    )
+    sim.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="ray engine: attach to a running Ray cluster (its head, from `ray start --head`) instead of starting "
+        "one on this machine - the way beyond one machine",
+    )
     sim.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
     sim.add_argument(
         "--no-progress", action="store_true", help="log lines instead of progress bars (automatic when not a terminal)"
@@ -157,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-partitions",
         type=int,
         required=True,
-        help="training + unseen clients of the federation (3 for the default app config)",
+        help="training + unseen clients of the federation (3 for the default app config), or the run's compute.workers",
     )
     cli.add_argument("--data-dir", help="where this node keeps its data (default: the run config's)")
     cli.add_argument("--device", choices=DEVICES, help="where this node computes (default: the run config's)")
@@ -332,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.out,
                     num_cpus=args.cpus_per_client,
                     num_gpus=args.gpus_per_client,
+                    ray_address=args.ray_address,
                     verbose=args.verbose,
                     resume=args.resume,
                 )

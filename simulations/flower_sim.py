@@ -1,4 +1,5 @@
-"""Run a federation through Flower's simulation engine (Ray): one virtual SuperNode per client partition.
+"""Run a federation through Flower's simulation engine (Ray): one virtual SuperNode per client partition, or
+one per cohort worker (`compute.workers`), each computing its share of a round's clients in one call.
 
 The ServerApp and ClientApp are the same ones a real deployment runs; only the transport differs from the
 in-process loop.
@@ -23,10 +24,15 @@ def simulate_flower(
     *,
     num_cpus: float = 1.0,
     num_gpus: float = 0.0,
+    ray_address: str | None = None,
     resume: bool = False,
     verbose: bool = False,
 ) -> dict[str, Any]:
-    """Meta-train over Flower's Ray simulation engine; returns the summary the ServerApp wrote."""
+    """Meta-train over Flower's Ray simulation engine; returns the summary the ServerApp wrote.
+
+    `ray_address`: run the virtual SuperNodes on an existing Ray cluster (`ray start --head` on one machine,
+    `ray start --address HEAD:PORT` on the others) instead of a private one on this machine.
+    """
     import json
 
     # Before Flower is imported: it reads the telemetry switch once, at import time.
@@ -41,7 +47,7 @@ def simulate_flower(
 
     # Build (and check) the federation here, so a bad config fails before Ray starts.
     federation = Experiment.from_config(config).federation
-    num_partitions = len(federation.train_clients) + len(federation.unseen_clients)
+    num_partitions = config.compute.workers or len(federation.train_clients) + len(federation.unseen_clients)
     if not verbose:  # one line per round from fedmeta; Flower's and Ray's internals only when they warn
         for name in ("flwr", "ray"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -52,11 +58,13 @@ def simulate_flower(
             "logging_level": "WARNING" if not verbose else "INFO",
             "log_to_driver": verbose,
             "include_dashboard": False,
+            **({"address": ray_address} if ray_address else {}),
         },
     }
     log.info(
-        "Flower simulation: %d virtual SuperNodes (%d training, %d unseen)",
+        "Flower simulation: %d virtual SuperNodes (%s for %d training and %d unseen clients)",
         num_partitions,
+        "cohort workers" if config.compute.workers else "one per client",
         len(federation.train_clients),
         len(federation.unseen_clients),
     )

@@ -2,11 +2,18 @@
 
 Shared by `server/` and `client/` and owned by neither; `fedmeta/` never imports it (nor Flower).
 
-train request:    PARAMS (ArrayRecord), CONFIG (ConfigRecord: the flat RunConfig + ROUND)
-train reply:      DIRECTION (ArrayRecord), METRICS (MetricRecord: task metrics + NUM_TASKS), CLIENT (ConfigRecord)
-evaluate request: PARAMS, BASELINE_PREFIX + name for each baseline model, CONFIG, PROTOCOL (the tasks and steps)
-evaluate reply:   METRICS with "<model>.k<step>" -> list of per-task values, CLIENT
-query request:    CONFIG;  query reply: CLIENT (ROLE, INDEX, CLIENT_ID, NUM_TRAIN, NUM_PARTITIONS, NUM_GLOBAL_OUTPUTS)
+train request:    PARAMS (ArrayRecord), CONFIG (ConfigRecord: the flat RunConfig + ROUND [+ CLIENTS for a worker])
+train reply:      DIRECTION (ArrayRecord), METRICS (MetricRecord: task metrics + NUM_TASKS), CLIENT (ConfigRecord);
+                  a worker's: the same records with one row (a leading axis, or a list entry) per client, CLIENT
+                  holding CLIENT_IDS
+evaluate request: PARAMS, BASELINE_PREFIX + name for each baseline model, CONFIG [+ CLIENTS], PROTOCOL
+evaluate reply:   METRICS with "<model>.k<step>" -> list of per-task values (a worker's: clients x tasks, in the
+                  order of CLIENTS), CLIENT
+query request:    CONFIG;  query reply: CLIENT (ROLE, INDEX, CLIENT_ID, NUM_TRAIN, NUM_UNSEEN, NUM_PARTITIONS,
+                  NUM_GLOBAL_OUTPUTS)
+
+A node is one client (ROLE_TRAIN / ROLE_UNSEEN, partition = client), or, with `compute.workers` = W, a cohort
+worker (ROLE_WORKER, partition p of W) computing every client c with c mod W = p.
 """
 
 PARAMS = "params"
@@ -23,11 +30,15 @@ ROLE = "role"
 INDEX = "index"
 CLIENT_ID = "client-id"
 NUM_TRAIN = "num-train"
+NUM_UNSEEN = "num-unseen"
+CLIENTS = "clients"
+CLIENT_IDS = "client-ids"
 NUM_PARTITIONS = "num-partitions"
 NUM_GLOBAL_OUTPUTS = "num-global-outputs"
 
 ROLE_TRAIN = "train"
 ROLE_UNSEEN = "unseen"
+ROLE_WORKER = "worker"
 
 
 def curve_key(model: str, step: int) -> str:

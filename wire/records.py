@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import wire
-from fedmeta.types import ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, Params
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -53,6 +53,45 @@ def content_to_update(content: RecordDict) -> tuple[str, ClientUpdate]:
         metrics={k: float(v) for k, v in metrics.items() if isinstance(v, int | float)},
     )
     return str(content.config_records[wire.CLIENT][wire.CLIENT_ID]), update
+
+
+def rows_to_content(rows: ClientRows) -> RecordDict:
+    """A cohort worker's train reply: every client's row."""
+    metrics = MetricRecord(
+        {**{k: [float(x) for x in v] for k, v in rows.metrics.items()}, wire.NUM_TASKS: list(rows.num_tasks)}
+    )
+    return RecordDict(
+        {
+            wire.DIRECTION: params_to_record(rows.directions),
+            wire.METRICS: metrics,
+            wire.CLIENT: ConfigRecord({wire.CLIENT_IDS: list(rows.client_ids)}),
+        }
+    )
+
+
+def content_to_rows(content: RecordDict) -> ClientRows:
+    """Decode a cohort worker's train reply; raises KeyError/TypeError/ValueError on a malformed one."""
+    metrics = dict(content.metric_records[wire.METRICS])
+    num_tasks = metrics.pop(wire.NUM_TASKS)
+    client_ids = content.config_records[wire.CLIENT][wire.CLIENT_IDS]
+    if not isinstance(num_tasks, list) or not all(isinstance(n, int) for n in num_tasks):
+        raise TypeError(f"{wire.NUM_TASKS} must be a list of integers, got {num_tasks!r}")
+    if not isinstance(client_ids, list):
+        raise TypeError(f"{wire.CLIENT_IDS} must be a list, got {client_ids!r}")
+    return ClientRows(
+        tuple(str(c) for c in client_ids),
+        record_to_params(content.array_records[wire.DIRECTION]),
+        tuple(num_tasks),
+        {k: tuple(float(x) for x in v) for k, v in metrics.items() if isinstance(v, list)},
+    )
+
+
+def get_int_list(record: Mapping[str, Any], key: str) -> list[int]:
+    """A list-of-integers field of a record, or a TypeError naming the field."""
+    value = record[key]
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise TypeError(f"record field {key!r} must be a list of integers, got {value!r}")
+    return value
 
 
 def get_int(record: Mapping[str, Any], key: str) -> int:

@@ -11,6 +11,7 @@ the in-process reference runs with 1 thread too.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -168,3 +169,53 @@ def test_client_tasks_and_the_baselines_through_ray_equal_the_in_process_loop(
     assert summaries[0]["results"].keys() == {"meta", "random_init", "fedavg"}
     assert_same_results(summaries[0]["results"], summaries[1]["results"])
     assert_same_rows(read_jsonl(tmp_path / "ray" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl"))
+
+
+def test_cohort_workers_through_ray_equal_the_in_process_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Two virtual SuperNodes compute 12 training and 4 unseen clients between them (client c on worker c mod 2),
+    # with client-side DP noise drawn per client: the meta-parameters, the privacy spent, the summary and every
+    # metrics row equal the in-process run's. Reptile vectorises across each worker's clients (algorithms without
+    # per-task directions loop inside the worker: tests/unit/test_cohorts.py shows both give each client's own row).
+    preset = tmp_path / "preset.toml"
+    default = (Path(__file__).parents[2] / "simulations" / "presets" / "sinusoid-reptile.toml").read_text()
+    preset.write_text(default + "\n[privacy]\nreproducible_noise = true\n")
+    argv = [
+        *ARGS[:1],
+        "reptile",
+        *ARGS[2:5],
+        "12",
+        "--num-unseen-clients",
+        "4",
+        *ARGS[8:],
+        "--eval-clients",
+        "4",
+        "--fedavg-rounds",
+        "2",
+        "--curve-every",
+        "2",
+        "--dp",
+        "distributed",
+        "--noise-multiplier",
+        "0.5",
+        "--preset",
+        str(preset),
+    ]
+    argv[argv.index("--clients-per-round") + 1] = "7"
+    with caplog.at_level(logging.INFO, logger="simulations.flower_sim"):
+        _ray_then_local(tmp_path, monkeypatch, capsys, [*argv, "--workers", "2"])
+
+    assert "2 virtual SuperNodes (cohort workers for 12 training and 4 unseen clients)" in caplog.text
+
+    ray_state = load_checkpoint(tmp_path / "ray" / "checkpoint.pt")[1]
+    local_state = load_checkpoint(tmp_path / "local" / "checkpoint.pt")[1]
+    assert ray_state.round == local_state.round == 3
+    assert all(torch.equal(ray_state.params[k], local_state.params[k]) for k in local_state.params)
+    assert ray_state.dp_releases == local_state.dp_releases
+    ray_summary, local_summary = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("ray", "local"))
+    assert ray_summary["unseen_clients"] == 4
+    assert_same_results(ray_summary["results"], local_summary["results"])
+    rows = read_jsonl(tmp_path / "ray" / "metrics.jsonl")
+    assert [r["clients"] for r in rows if r["phase"] == "meta"] == [7, 7, 7]
+    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"))
