@@ -322,3 +322,44 @@ def test_the_server_app_resumes_after_a_crash_to_the_same_meta_parameters(tmp_pa
     # The accountant continued from the checkpoint: the same epsilon, round by round.
     epsilons = [[r["epsilon"] for r in meta_rows(tmp_path / d / "metrics.jsonl")] for d in ("a", "b")]
     assert epsilons[0] == epsilons[1] and epsilons[0] == sorted(epsilons[0])
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "maml"])
+def test_cohort_workers_over_a_grid_equal_the_in_process_loop(tmp_path: Path, algorithm: str) -> None:
+    # Three worker nodes for 4 training and 2 unseen clients (client c on worker c mod 3): the same
+    # meta-parameters, baseline, summary and metrics rows as the in-process loop.
+    config = small(algorithm=algorithm, **{"compute.workers": 3, "eval.fedavg_rounds": 2, "eval.curve_every": 2})
+
+    summary = serve(InProcessGrid(client_app, num_partitions=3), config, ServerOptions(out_dir=str(tmp_path / "w")))
+    reference = simulate(config, tmp_path / "local", progress=False)
+
+    workers, local = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("w", "local"))
+    assert all(torch.equal(workers[1].params[k], local[1].params[k]) for k in local[1].params)
+    assert all(torch.equal(workers[2]["fedavg"][k], local[2]["fedavg"][k]) for k in local[2]["fedavg"])
+    assert summary["results"] == reference["results"] and summary["unseen_clients"] == 2
+    assert_same_rows(read_jsonl(tmp_path / "w" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl"))
+
+
+def test_a_failing_cohort_worker_counts_each_of_its_clients(tmp_path: Path, caplog) -> None:
+    config = small(**{"federation.clients_per_round": 4, "compute.workers": 2})  # worker 2 holds clients 1 and 3
+    grid = InProcessGrid(client_app, num_partitions=2, handlers={2: _failing})
+
+    with caplog.at_level(logging.WARNING):
+        serve(grid, config, ServerOptions(out_dir=str(tmp_path), min_replies=2))
+
+    rows = meta_rows(tmp_path / "metrics.jsonl")
+    assert all(r["failed"] == 2 and r["clients"] == 2 for r in rows)
+    assert "worker node 2 failed: RuntimeError: disk on fire" in caplog.text
+
+
+def test_a_cohort_worker_refuses_a_wrong_partition_count_and_other_workers_clients() -> None:
+    config = small(**{"compute.workers": 2})
+    params = Experiment.from_config(config).initial_params()
+    with pytest.raises(ValueError, match="num-partitions=6, but compute.workers is 2: 2 cohort workers"):
+        client_app(train_message(config, params), context(partition=0, num_partitions=6))
+    asking = train_message(config, params)
+    asking.content.config_records[wire.CONFIG][wire.CLIENTS] = [0, 1]
+    with pytest.raises(ValueError, match="client 1 is not one of worker 0's \\(clients c with c mod 2 = 0\\)"):
+        client_app(asking, context(partition=0, num_partitions=2))
+    with pytest.raises(ConfigError, match="secagg masks one client's update per node"):
+        config.replace(**{"secagg.enabled": True})
