@@ -88,7 +88,7 @@ def test_ray_simulation_equals_the_in_process_loop(tmp_path: Path, monkeypatch: 
 
 
 def test_ray_simulation_with_secagg_matches_the_plain_loop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    sgd = ["--outer-optimizer", "sgd", "--outer-lr", "0.5"]
+    sgd = ["--outer-optimizer", "sgd", "--outer-lr", "0.1"]  # a stable step: rounding is not amplified
     with private_homes() as env:
         for key in ("FLWR_HOME", "RAY_TMPDIR", "FLWR_TELEMETRY_ENABLED"):
             monkeypatch.setitem(os.environ, key, env[key])
