@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import population  # benchmarks/population.py: the same runs, cohorts among them
 import torch
 
 from fedmeta.config import RunConfig
@@ -27,21 +28,8 @@ from simulations.inprocess import simulate
 
 
 def config_for(clients: int, rounds: int) -> RunConfig:
-    return RunConfig().replace(
-        **{
-            "algorithm": "reptile",
-            "data.num_train_clients": clients,
-            "data.num_unseen_clients": 1,
-            "federation.rounds": rounds,
-            "federation.clients_per_round": clients,
-            "federation.tasks_per_client": 1,
-            "inner.inner_steps": 1,
-            "eval.eval_clients": 1,
-            "eval.eval_tasks_per_client": 1,
-            "inner.eval_steps": 1,
-            "eval.fedavg_rounds": 0,
-        }
-    )
+    """Every client of a `clients`-client federation in every round (one Flower node per client)."""
+    return population.config_for("ray-nodes", clients, rounds, population=clients, workers=0)
 
 
 def main() -> None:
