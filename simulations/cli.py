@@ -23,6 +23,7 @@ from fedmeta.config import ALGORITHM_NAMES, DEVICES, ConfigError, RunConfig
 # The `fedmeta evaluate` options that change the evaluation of a saved run.
 EVALUATE_KEYS = (
     "data.data_dir",
+    "data.split",
     "inner.eval_steps",
     "eval.eval_clients",
     "eval.eval_tasks_per_client",

@@ -15,6 +15,9 @@ from fedmeta.inprocess import InProcess
 from fedmeta.loop import run
 from fedmeta.metrics import write_json
 from fedmeta.runtime import apply_threads
+from fedmeta.tasks.base import Federation
+from fedmeta.tasks.omniglot import character_names
+from fedmeta.tasks.registry import build_federation
 
 
 def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
@@ -31,9 +34,8 @@ def evaluate_checkpoint(
     overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`fedmeta evaluate`: personalised evaluation of a saved meta-model (and its saved baselines)."""
-    config, state, baselines = load_checkpoint(path)
-    if overrides:
-        config = config.replace(**overrides)
+    trained, state, baselines = load_checkpoint(path)
+    config = trained.replace(**overrides) if overrides else trained
     head = state.params.get("head.weight")
     if head is not None and task_kind(config.data.dataset) == "classification" and head.shape[0] != config.episode.ways:
         raise ConfigError(
@@ -43,6 +45,8 @@ def evaluate_checkpoint(
     apply_threads(config)
     transport = InProcess(progress=progress)
     experiment = transport.experiment(config)
+    if config.data.split != trained.data.split:
+        _refuse_seen_characters(trained, config, experiment.federation)
     models = {"meta": state.params, "random_init": experiment.initial_params(), **baselines}
     started = time.perf_counter()
     clients = range(min(config.eval.eval_clients, len(experiment.federation.unseen_clients)))
@@ -60,3 +64,19 @@ def evaluate_checkpoint(
     target.mkdir(parents=True, exist_ok=True)
     write_json(target / "summary.json", summary)
     return summary
+
+
+def _refuse_seen_characters(trained: RunConfig, config: RunConfig, evaluated: Federation) -> None:
+    """Evaluating under another Omniglot split is sound only when the model never trained on a character it is
+    tested on: a Lake-split model (background alphabets) may be scored on the Vinyals test characters (all from
+    evaluation alphabets), not the other way round."""
+    if config.data.dataset != "omniglot":
+        return
+    seen = character_names(build_federation(trained.data, seed=trained.federation.seed).train_clients)
+    leaked = seen & character_names(evaluated.unseen_clients)
+    if leaked:
+        raise ConfigError(
+            f"this model was trained on the {trained.data.split!r} split, whose training clients hold "
+            f"{len(leaked)} of the characters the {config.data.split!r} split tests on (e.g. {min(leaked)}): "
+            f"evaluate it with --split {trained.data.split}"
+        )

@@ -302,6 +302,11 @@ def omniglot_federation(
     return Federation("omniglot", "classification", train, [test], len(lists["trainval"]) * ROTATIONS)
 
 
+def character_names(clients: list[OmniglotClient]) -> set[str]:
+    """The characters ("Alphabet/characterNN") the clients hold: what a model trained on them has seen."""
+    return {client.split.names[row] for client in clients for row in client.characters}
+
+
 def _concatenate(a: OmniglotSplit, b: OmniglotSplit) -> OmniglotSplit:
     return OmniglotSplit(
         images=np.concatenate([a.images, b.images]), alphabets=a.alphabets + b.alphabets, names=a.names + b.names

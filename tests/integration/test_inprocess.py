@@ -172,6 +172,46 @@ def test_classification_pipeline_on_a_tiny_omniglot(tmp_path: Path, algorithm: s
         assert baselines["fedavg"]["head.weight"].shape[0] == 3
 
 
+def test_a_lake_model_is_scored_on_the_vinyals_test_characters_and_never_the_reverse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedmeta evaluate --split vinyals` gives the papers' figure for a model trained on the Lake split: sound
+    because the Vinyals test characters all come from evaluation alphabets, which Lake training never sees. A
+    Vinyals-trained model has seen evaluation alphabets, so scoring it on the Lake split is refused."""
+    from tests.unit.test_tasks import _write_zip, write_vinyals_lists
+
+    data = tmp_path / "data"
+    (data / "omniglot").mkdir(parents=True)
+    _write_zip(data / "omniglot" / "images_background.zip", "background", {"Alpha": 2, "Beta": 2})
+    _write_zip(data / "omniglot" / "images_evaluation.zip", "evaluation", {"Gamma": 3}, start_id=5)
+    train = ("Alpha/character01", "Alpha/character02", "Beta/character01", "Beta/character02", "Gamma/character01")
+    write_vinyals_lists(data, test=("Gamma/character02", "Gamma/character03"), train=train)
+    common = ["--algorithm", "protonet", "--dataset", "omniglot", "--data-dir", str(data), "--ways", "3"]
+    common += ["--shots", "1", "--queries", "2", "--rounds", "2", "--clients-per-round", "2", "--tasks-per-client", "1"]
+    common += ["--eval-clients", "3", "--eval-tasks", "2", "--fedavg-rounds", "0", "--no-progress"]
+
+    assert main(["simulate", *common, "--out", str(tmp_path / "lake")]) == 0
+    assert main(["simulate", *common, "--split", "vinyals", "--out", str(tmp_path / "vinyals")]) == 0
+    capsys.readouterr()
+    again = tmp_path / "lake-on-vinyals"
+    args = ["--split", "vinyals", "--eval-tasks", "4", "--out", str(again), "--no-progress"]
+    assert main(["evaluate", str(tmp_path / "lake" / "checkpoint.pt"), *args]) == 0
+
+    summary = json.loads((again / "summary.json").read_text())
+    trained = json.loads((tmp_path / "lake" / "summary.json").read_text())
+    assert summary["config"]["data"]["split"] == "vinyals" and summary["unseen_clients"] == 1
+    assert summary["rounds"] == trained["rounds"] == 2
+    assert summary["results"]["meta"]["over_tasks"][0]["n"] == 4  # 1 test client x 4 tasks
+    assert summary["results"]["meta"]["over_tasks"] != trained["results"]["meta"]["over_tasks"]
+
+    capsys.readouterr()
+    code = main(["evaluate", str(tmp_path / "vinyals" / "checkpoint.pt"), "--split", "lake", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "trained on the 'vinyals' split, whose training clients hold 1 of the characters the 'lake' split" in err[0]
+    assert "e.g. Gamma/character01" in err[0] and err[0].endswith("evaluate it with --split vinyals")
+
+
 def test_a_second_run_into_the_same_directory_replaces_the_metrics(tmp_path: Path) -> None:
     simulate(small_config(**{"eval.fedavg_rounds": 0}), tmp_path, progress=False)
     simulate(small_config(**{"eval.fedavg_rounds": 0, "federation.rounds": 2}), tmp_path, progress=False)

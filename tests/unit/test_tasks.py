@@ -184,9 +184,14 @@ def test_download_fetches_both_archives_and_the_split_lists(tiny_omniglot: Path,
 ROTS = ("rot000", "rot090", "rot180", "rot270")
 
 
-def write_vinyals_lists(root: Path, test: tuple[str, ...] = ("Beta/character02", "Gamma/character01")) -> None:
-    """Train on Alpha's 3 characters, Beta's first and Gamma's second; test on the rest (alphabets mixed)."""
-    train = ("Alpha/character01", "Alpha/character02", "Alpha/character03", "Beta/character01", "Gamma/character02")
+TRAINVAL = ("Alpha/character01", "Alpha/character02", "Alpha/character03", "Beta/character01", "Gamma/character02")
+
+
+def write_vinyals_lists(
+    root: Path, test: tuple[str, ...] = ("Beta/character02", "Gamma/character01"), train: tuple[str, ...] = TRAINVAL
+) -> None:
+    """By default train on Alpha's 3 characters, Beta's first and Gamma's second; test on the rest (alphabets
+    mixed)."""
     lists = root / "omniglot" / "splits_vinyals"
     lists.mkdir(parents=True, exist_ok=True)
     for name, chars in (("trainval", train), ("test", test)):
