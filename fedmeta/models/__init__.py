@@ -70,7 +70,9 @@ class Conv4(BodyHead):
             *[_conv_block(in_channels if i == 0 else channels, channels, downsample) for i in range(4)], nn.Flatten()
         )
         with torch.no_grad():
-            self.num_features = self.body(torch.zeros(2, in_channels, image_size, image_size)).shape[1]
+            maps = self.body[:-1](torch.zeros(2, in_channels, image_size, image_size))
+        self.feature_map = tuple(maps.shape[1:])  # (channels, height, width) before flattening
+        self.num_features = maps[0].numel()
         # (n, 1, 28, 28) -> (n, out_features)
         self.head = nn.Linear(self.num_features, out_features) if out_features is not None else nn.Identity()
 

@@ -460,36 +460,72 @@ def test_siamese_direction_is_the_verification_loss_gradient(engine: str) -> Non
     assert metrics["query_loss"] == pytest.approx(loss_of(params), rel=1e-10)
 
 
-def _relation_reference(query, support, support_y, ways, module):
-    """Sung et al.'s relation score written out, query by query and class by class."""
-    w0, b0, w1, b1 = (module[f"relation.{k}"] for k in ("0.weight", "0.bias", "1.weight", "1.bias"))
-    scores = np.zeros((len(query), ways))
-    for q, x in enumerate(query):
-        for c in range(ways):
-            pair = np.concatenate([x, support[support_y == c].sum(axis=0)])
-            hidden = np.maximum(w0 @ pair + b0, 0)
-            scores[q, c] = 1 / (1 + np.exp(-(w1 @ hidden + b1)[0]))
-    return scores
+def _relation_reference(query, support, support_y, ways, module, feature_map=None):
+    """Sung et al.'s relation module written out: pairs built query by query and class by class, each 3x3 conv
+    pixel by pixel, batch norm over all the task's pairs and pixels, 2x2 max-pool, then the two linear layers."""
+    shape = feature_map or (query.shape[1], 1, 1)
+
+    def conv(x, w, b):  # x (C, H, W), zero padding 1
+        out = np.zeros((w.shape[0], *x.shape[1:]))
+        for i in range(x.shape[1]):
+            for j in range(x.shape[2]):
+                for di in range(3):
+                    for dj in range(3):
+                        if 0 <= i + di - 1 < x.shape[1] and 0 <= j + dj - 1 < x.shape[2]:
+                            out[:, i, j] += w[:, :, di, dj] @ x[:, i + di - 1, j + dj - 1]
+        return out + b[:, None, None]
+
+    def block(maps, layer):  # maps: one (C, H, W) per pair
+        out = np.stack([conv(m, module[f"relation.{layer}.weight"], module[f"relation.{layer}.bias"]) for m in maps])
+        mean, var = out.mean(axis=(0, 2, 3), keepdims=True), out.var(axis=(0, 2, 3), keepdims=True)
+        gamma, beta = module[f"relation.{layer}.bn.weight"], module[f"relation.{layer}.bn.bias"]
+        out = np.maximum((out - mean) / np.sqrt(var + 1e-5) * gamma[:, None, None] + beta[:, None, None], 0)
+        if min(out.shape[2:]) >= 2:
+            h, w = out.shape[2] // 2, out.shape[3] // 2
+            out = out[:, :, : 2 * h, : 2 * w].reshape(len(out), out.shape[1], h, 2, w, 2).max(axis=(3, 5))
+        return out
+
+    pairs = [
+        np.concatenate([x.reshape(shape), support[support_y == c].sum(axis=0).reshape(shape)])
+        for x in query
+        for c in range(ways)
+    ]
+    flat = block(block(pairs, 0), 1).reshape(len(pairs), -1)
+    hidden = np.maximum(flat @ module["relation.2.weight"].T + module["relation.2.bias"], 0)
+    logits = (hidden @ module["relation.3.weight"].T + module["relation.3.bias"])[:, 0]
+    return (1 / (1 + np.exp(-logits))).reshape(len(query), ways)
 
 
-def test_relation_scores_and_loss_match_a_hand_computation() -> None:
+@pytest.mark.parametrize("feature_map", [None, (2, 2, 3)], ids=["flat", "maps"])
+def test_relation_scores_and_loss_match_a_hand_computation(feature_map) -> None:
     rng = np.random.default_rng(16)
-    query, support = rng.normal(size=(5, 4)), rng.normal(size=(6, 4))
+    features = 4 if feature_map is None else int(np.prod(feature_map))
+    query, support = rng.normal(size=(5, features)), rng.normal(size=(6, features))
     support_y, query_y = np.array([0, 1, 2, 0, 1, 2]), np.array([2, 0, 1, 1, 0])
+    channels = 2 * (feature_map or (features,))[0]  # 2x3 maps pool to 1x1: 64 features reach the linear part
     module = {
-        "relation.0.weight": rng.normal(size=(8, 8)),
-        "relation.0.bias": rng.normal(size=8),
-        "relation.1.weight": rng.normal(size=(1, 8)),
-        "relation.1.bias": rng.normal(size=1),
+        "relation.0.weight": rng.normal(size=(64, channels, 3, 3)),
+        "relation.0.bias": rng.normal(size=64),
+        "relation.0.bn.weight": rng.normal(size=64),
+        "relation.0.bn.bias": rng.normal(size=64),
+        "relation.1.weight": rng.normal(size=(64, 64, 3, 3)) / 8,
+        "relation.1.bias": rng.normal(size=64),
+        "relation.1.bn.weight": rng.normal(size=64),
+        "relation.1.bn.bias": rng.normal(size=64),
+        "relation.2.weight": rng.normal(size=(8, 64)) / 8,
+        "relation.2.bias": rng.normal(size=8),
+        "relation.3.weight": rng.normal(size=(1, 8)),
+        "relation.3.bias": rng.normal(size=1),
     }
-    expected = _relation_reference(query, support, support_y, 3, module)
+    expected = _relation_reference(query, support, support_y, 3, module, feature_map)
 
     scores = relation_scores(
         torch.from_numpy(query), torch.from_numpy(support), torch.from_numpy(support_y), 3,
-        {k: torch.from_numpy(v) for k, v in module.items()},
+        {k: torch.from_numpy(v) for k, v in module.items()}, feature_map,
     )  # fmt: skip
 
-    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-12)
+    assert 0.01 < expected.std()  # the pairs are told apart (no collapse to one score)
+    np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-10)
     mse = ((expected - np.eye(3)[query_y]) ** 2).mean()
     assert float(relation_loss(scores, torch.from_numpy(query_y))) == pytest.approx(mse, rel=1e-12)
 
@@ -497,6 +533,7 @@ def test_relation_scores_and_loss_match_a_hand_computation() -> None:
 def test_relation_direction_is_the_mse_gradient(engine: str) -> None:
     model = nn.Linear(3, 4)
     algo = RelationNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    algo.channels = 3  # few parameters for finite differences
     params = to_double(algo.init_params(torch.Generator().manual_seed(17)))
     task = two_way_task(seed=17)
 
