@@ -277,7 +277,7 @@ def _deploy(args: argparse.Namespace) -> int:
                 superlink=args.superlink,
                 partition=args.partition,
                 num_partitions=args.num_partitions,
-                port=args.port or 9100 + args.partition,
+                port=(port := args.port or 9100 + args.partition),
                 insecure=args.insecure,
                 data_dir=args.data_dir,
                 device=args.device,
@@ -292,6 +292,8 @@ def _deploy(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         print(f"fedmeta: running {deploy.show(command)}", file=sys.stderr, flush=True)
+        if args.command == "client":  # stays the parent, to name the reason when the SuperNode fails
+            return deploy.run_supernode(command, env, superlink=args.superlink, port=port, auth_key=args.auth_key)
         os.execvpe(command[0], command, env)  # replace this process: its PID is the Flower process's PID
     if args.command == "run":  # refuse a bad run config before anything is written or submitted
         run_config = deploy.encode_run_config(deploy.parse_run_config(args.run_config))

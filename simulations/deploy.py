@@ -8,11 +8,14 @@ is needed to deploy by hand.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -176,6 +179,82 @@ def supernode_command(
     if max_wait is not None:
         command += ["--max-wait-time", f"{max_wait:g}"]
     return command
+
+
+def run_supernode(command: list[str], env: dict[str, str], *, superlink: str, port: int, auth_key: Path | None) -> int:
+    """Run flower-supernode with its output passed through; when it fails, end with one line that says why.
+
+    Flower's own words for a refused key are "could not establish a connection" (only the SuperLink's log
+    names the reason), a port clash is a traceback, and a SuperNode that gives up leaves its SuperExec process
+    behind, retrying for ever. So the wrapper stays the parent of a process group of its own: it relays the
+    output, forwards SIGTERM/SIGINT/SIGHUP to the SuperNode, stops whatever the SuperNode left in its group
+    when it exits, and returns its exit status."""
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        bufsize=1,
+        start_new_session=True,
+    )
+    tail: collections.deque[str] = collections.deque(maxlen=400)
+    relay = threading.Thread(target=_relay_tail, args=(process.stdout, sys.stderr, tail), daemon=True)
+    relay.start()
+    forwarded = {sig: signal.signal(sig, lambda number, _: process.send_signal(number)) for sig in FORWARDED}
+    try:
+        code = process.wait()
+    finally:
+        for sig, handler in forwarded.items():
+            signal.signal(sig, handler)
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the group's leftovers (the pipe closes once they are gone)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, sig)
+            relay.join(timeout=10)
+            if not relay.is_alive():
+                break
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT, -signal.SIGHUP):
+        reason = supernode_failure("".join(tail), superlink=superlink, port=port, auth_key=auth_key)
+        print(f"fedmeta: {reason}", file=sys.stderr, flush=True)
+    return code if code >= 0 else 128 - code
+
+
+def _relay_tail(source: IO[str] | None, sink: IO[str], tail: collections.deque[str]) -> None:
+    if source is None:
+        return
+    terminal = sink.isatty()
+    for line in source:
+        plain = ANSI.sub("", line)
+        tail.append(plain)
+        sink.write(line if terminal else plain)
+        sink.flush()
+
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def supernode_failure(output: str, *, superlink: str, port: int, auth_key: Path | None) -> str:
+    """One line naming why a SuperNode stopped, from what Flower printed."""
+    if "must be registered" in output or "code: 2001" in output:
+        return (
+            f"the SuperLink at {superlink} refused this node: it admits only registered nodes (--node-auth); "
+            "pass --auth-key with a key registered there (fedmeta register KEY.pub)"
+        )
+    if "Failed to activate SuperNode" in output or "code: 2004" in output:
+        return (
+            f"the SuperLink at {superlink} refused this node: its key {auth_key}.pub is not registered there "
+            f"(register it with: fedmeta register {auth_key}.pub --root-certificates CA)"
+        )
+    if "failed to start" in output or "address already in use" in output.lower():
+        return (
+            f"this SuperNode's port 127.0.0.1:{port} is taken: another SuperNode with the same --partition on "
+            "this machine? pass another --port"
+        )
+    if "Connection attempt failed" in output or "UNAVAILABLE" in output:
+        return f"gave up on the SuperLink at {superlink}: no answer within the retries (--max-retries, --max-wait)"
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    return f"the SuperNode stopped: {lines[-1] if lines else 'no output'}"
 
 
 def make_certificates(directory: Path, *, nodes: int = 0) -> list[Path]:

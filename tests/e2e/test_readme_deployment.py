@@ -21,7 +21,7 @@ from tests.processes import private_homes
 # run with `pytest -m slow`, so that the default suite stays within the CI budget.
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
-PORTS = (9091, 9092, 9093, 9100, 9101, 9102, 9110)  # the README's fixed ports (Flower's defaults)
+PORTS = (9091, 9092, 9093, 9100, 9101, 9102, 9103, 9110)  # the README's fixed ports (Flower's defaults)
 
 
 def readme_block(marker: str) -> list[str]:
@@ -65,8 +65,12 @@ def run_block(lines: list[str], workdir: Path, env: dict[str, str]) -> dict[str,
                 finished[line] = subprocess.run(
                     ["bash", "-c", line], cwd=workdir, env=env, capture_output=True, text=True, timeout=400
                 )
-                if "node-3" not in line:  # the unregistered node must fail; every other line succeed
-                    assert finished[line].returncode == 0, f"{line}\n{finished[line].stdout}{finished[line].stderr}"
+                output = f"{line}\n{finished[line].stdout}{finished[line].stderr}"
+                if "node-3" in line:  # the unregistered node fails at once, saying why; every other line succeeds
+                    assert finished[line].returncode != 0, output
+                    assert "certs/node-3.pub is not registered there" in finished[line].stderr.splitlines()[-1], output
+                else:
+                    assert finished[line].returncode == 0, output
     finally:
         victims = []
         for pid in background:

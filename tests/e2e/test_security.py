@@ -83,7 +83,9 @@ def test_registered_nodes_train_and_strangers_are_refused(tmp_path: Path) -> Non
             local.stop_all()
 
     unregistered_log = (tmp_path / "supernode0.log").read_text()
-    assert "Failed to activate SuperNode" in unregistered_log
+    assert "Failed to activate SuperNode" in unregistered_log  # Flower's words; fedmeta's line names the reason
+    assert f"refused this node: its key {certs / 'node-2'}.pub is not registered there" in unregistered_log
     partition1_log = (tmp_path / "supernode1.log").read_text()
     assert "All SuperNodes must be registered" in partition1_log  # the keyless node
+    assert "refused this node: it admits only registered nodes (--node-auth)" in partition1_log
     assert "Connection attempt failed" in partition1_log  # the plain-text node (same log file)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,49 @@ def test_the_streamed_run_log_is_plain_text_outside_a_terminal() -> None:
     assert deploy.log_line(coloured, terminal=False) == "INFO :      round 1/20\n"
     assert deploy.log_line("\x1b[94mDEBUG \x1b[0m: Pulling messages\n", terminal=False) is None
     assert deploy.log_line(coloured, terminal=True) == coloured
+
+
+def test_a_refused_supernode_ends_with_the_reason_and_leaves_no_process_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SuperNode whose key the SuperLink refuses prints Flower's "could not establish a connection" and
+    exits, while the SuperExec it started keeps retrying: the wrapper must return, name the reason in one
+    line, and stop the leftover (here a shell loop standing in for flower-supernode and its SuperExec)."""
+    import psutil
+
+    leftover = tmp_path / "leftover.pid"
+    script = (
+        "echo '[code: 2004] Failed to activate SuperNode.'; echo 'could not establish a connection'; "
+        f"(while true; do echo 'Connection attempt failed, retrying'; sleep 0.1; done) & echo $! > {leftover}; "
+        "exit 1"
+    )
+    key = tmp_path / "node-3"
+    code = deploy.run_supernode(
+        ["bash", "-c", script], dict(os.environ), superlink="127.0.0.1:9", port=9103, auth_key=key
+    )
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and "Failed to activate SuperNode" in err[0]
+    assert err[-1] == (
+        f"fedmeta: the SuperLink at 127.0.0.1:9 refused this node: its key {key}.pub is not registered there "
+        f"(register it with: fedmeta register {key}.pub --root-certificates CA)"
+    )
+    with suppress(psutil.NoSuchProcess):
+        psutil.Process(int(leftover.read_text())).wait(timeout=10)
+    assert not psutil.pid_exists(int(leftover.read_text()))
+
+
+@pytest.mark.parametrize(
+    ("output", "reason"),
+    [
+        ("[code: 2001] SuperNode authentication is enabled. All SuperNodes must be registered via the CLI.",
+         "refused this node: it admits only registered nodes (--node-auth)"),
+        ("RuntimeError: SuperNode Runtime HTTP API failed to start.",
+         "this SuperNode's port 127.0.0.1:9100 is taken: another SuperNode with the same --partition"),
+        ("WARNING :   Connection attempt failed, retrying in 0.48 seconds",
+         "gave up on the SuperLink at 127.0.0.1:9092: no answer within the retries"),
+        ("something else\nKeyError: 'x'\n", "the SuperNode stopped: KeyError: 'x'"),
+    ],
+)  # fmt: skip
+def test_each_supernode_failure_is_named(output: str, reason: str) -> None:
+    assert reason in deploy.supernode_failure(output, superlink="127.0.0.1:9092", port=9100, auth_key=None)
