@@ -200,7 +200,7 @@ def run_supernode(command: list[str], env: dict[str, str], *, superlink: str, po
         start_new_session=True,
     )
     tail: collections.deque[str] = collections.deque(maxlen=400)
-    relay = threading.Thread(target=_relay_tail, args=(process.stdout, sys.stderr, tail), daemon=True)
+    relay = threading.Thread(target=_relay, args=(process.stdout, sys.stderr, tail), daemon=True)
     relay.start()
     forwarded = {sig: signal.signal(sig, lambda number, _: process.send_signal(number)) for sig in FORWARDED}
     try:
@@ -218,17 +218,6 @@ def run_supernode(command: list[str], env: dict[str, str], *, superlink: str, po
         reason = supernode_failure("".join(tail), superlink=superlink, port=port, auth_key=auth_key)
         print(f"fedmeta: {reason}", file=sys.stderr, flush=True)
     return code if code >= 0 else 128 - code
-
-
-def _relay_tail(source: IO[str] | None, sink: IO[str], tail: collections.deque[str]) -> None:
-    if source is None:
-        return
-    terminal = sink.isatty()
-    for line in source:
-        plain = ANSI.sub("", line)
-        tail.append(plain)
-        sink.write(line if terminal else plain)
-        sink.flush()
 
 
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -405,12 +394,18 @@ def log_line(line: str, *, terminal: bool) -> str | None:
     return None if plain.lstrip().startswith("DEBUG") else plain
 
 
-def _relay(source: IO[str] | None, sink: IO[str]) -> None:
+def _relay(source: IO[str] | None, sink: IO[str], tail: collections.deque[str] | None = None) -> None:
+    """Copy `source` to `sink` line by line (as `log_line` shows it); with `tail`, keep every line there too
+    (colour codes removed, DEBUG lines included) for naming a failure afterwards. `tail` is the SuperNode's
+    relay, which shows its DEBUG lines as well."""
     if source is None:
         return
     terminal = sink.isatty()
     for line in source:
         shown = log_line(line, terminal=terminal)
+        if tail is not None:
+            tail.append(ANSI.sub("", line))
+            shown = line if terminal else tail[-1]
         if shown is not None:
             sink.write(shown)
             sink.flush()
