@@ -37,6 +37,16 @@ def noise_for(epsilon: float, *, rounds: int, sample: int, population: int, delt
     return hi
 
 
+def _override(item: str) -> tuple[str, object]:
+    key, sep, text = item.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="sinusoid", choices=["sinusoid", "omniglot"])
@@ -48,6 +58,13 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["reptile", "fomaml"])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1, 2, 4, 8, math.inf])
     parser.add_argument("--out", help="default: benchmarks/results/privacy_utility[_omniglot].jsonl")
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config overrides for every run, e.g. outer.eps=1e-3 outer.optimizer=sgd (values read as JSON)",
+    )
     args = parser.parse_args()
     if args.out is None:
         suffix = "_omniglot" if args.dataset == "omniglot" else ""
@@ -69,6 +86,7 @@ def main() -> None:
         data = {"data.num_train_clients": args.clients, "data.num_unseen_clients": 20}
         population = args.clients
     delta = 1 / population**1.1
+    extra = dict(_override(item) for item in args.set)
     for algorithm in args.algorithms:
         for epsilon in args.epsilons:
             overrides = {
@@ -96,7 +114,7 @@ def main() -> None:
             base = (
                 RunConfig.from_dict(load_preset(f"omniglot-{algorithm}")) if args.dataset == "omniglot" else RunConfig()
             )
-            config = base.replace(**{"eval.curve_every": 0, **overrides})
+            config = base.replace(**{"eval.curve_every": 0, **overrides, **extra})
             started = time.perf_counter()
             out = Path("runs/privacy") / f"{args.dataset}-{algorithm}-eps{epsilon:g}"
             summary = simulate(config, out, progress=False)
@@ -118,6 +136,7 @@ def main() -> None:
                 **{f"{metric}_k{k}": meta[k]["mean"] for k in steps},
                 f"ci95_k{last}": meta[last]["ci95"],
                 f"random_init_k{last}": summary["results"]["random_init"]["over_tasks"][last]["mean"],
+                **({"overrides": extra} if extra else {}),
                 "seconds": time.perf_counter() - started,
             }
             print(json.dumps(row), flush=True)

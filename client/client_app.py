@@ -35,6 +35,7 @@ from wire.records import (
     get_int_list,
     record_to_params,
     rows_to_content,
+    sum_to_content,
     update_to_arrays,
     update_to_content,
 )
@@ -178,6 +179,8 @@ def train(message: Message, context: Context) -> Message:
         raise ModelMismatch(f"the server's model does not match this client's: {error}") from None
     if role == wire.ROLE_WORKER:
         clients = _worker_clients(experiment, index, config, len(experiment.federation.train_clients))
+        if experiment.config.compute.reply == "sum":
+            return Message(sum_to_content(experiment.cohort_sum(params, clients, round_index)), reply_to=message)
         return Message(rows_to_content(experiment.cohort_update(params, clients, round_index)), reply_to=message)
     update = experiment.client_update(params, index, round_index)
     if fit is None:

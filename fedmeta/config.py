@@ -47,6 +47,7 @@ CLIENT_TASK_ALGORITHMS = (
 )
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
+REPLIES = ("rows", "sum")
 INNER_OPTIMIZERS = ("sgd", "adam")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
 OMNIGLOT_SPLITS = ("lake", "vinyals")
@@ -562,6 +563,14 @@ class ComputeConfig:
         "p computing every client c with c mod W = p (training and unseen), all of a round's in one call",
         flag="--workers",
     )
+    reply: str = option(
+        "rows",
+        "what a cohort sends the server: rows - every client's update; sum - their weighted sum and its weight, one "
+        "model-sized message (the mean is the same to float64 rounding); needs the mean aggregator and a fixed "
+        "clip norm, and on Flower --workers",
+        flag="--cohort-reply",
+        choices=REPLIES,
+    )
     task_chunk: int = option(
         0,
         "at most N tasks per vectorised call, to bound memory (0: on a CPU 8 Omniglot episodes' worth, at least "
@@ -585,6 +594,7 @@ class ComputeConfig:
             isinstance(self.task_chunk, int) and not isinstance(self.task_chunk, bool) and self.task_chunk >= 0,
             f"compute.task_chunk must be a non-negative integer (0: automatic), got {self.task_chunk!r}",
         )
+        _require(self.reply in REPLIES, f"compute.reply must be one of {REPLIES}, got {self.reply!r}")
         _require(self.precision in PRECISIONS, f"compute.precision must be one of {PRECISIONS}, got {self.precision!r}")
         _require(
             isinstance(self.workers, int) and not isinstance(self.workers, bool) and self.workers >= 0,
@@ -724,6 +734,15 @@ class RunConfig:
                 f"robust.aggregator {self.robust.aggregator!r} needs individual updates in the clear: "
                 "it cannot be combined with privacy or secagg",
             )
+        if self.compute.reply == "sum":
+            # A sum hides the individual updates that these need; a secure sum has its own path.
+            for needed, reason in (
+                (self.compute.cohorts, "cohorts (it is the cohort that sums): drop --client-loop"),
+                (self.robust.aggregator == "mean", f"the mean aggregator, not {self.robust.aggregator!r}"),
+                (not self.privacy.adaptive_clipping, "a fixed clip norm: adaptive clipping counts each client's bit"),
+                (not self.secagg.enabled, "no secagg (SecAgg+ already sums, one client per node)"),
+            ):
+                _require(needed, f"compute.reply 'sum' needs {reason}")
         if self.secagg.enabled:
             # SecAgg+ hides each node's message; a cohort worker's message is many clients' rows.
             _require(

@@ -25,12 +25,12 @@ from fedmeta.privacy import (
     protect_update,
     update_noise_multiplier,
 )
-from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, init_state
+from fedmeta.round import SecureSum, ServerState, apply_round, apply_secure_sum, apply_sum, init_state, sum_rows
 from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
-from fedmeta.types import ClientRows, ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class Outer:
     def step(
         self,
         state: ServerState,
-        updates: Sequence[tuple[str, ClientUpdate]] | ClientRows | SecureSum,
+        updates: Sequence[tuple[str, ClientUpdate]] | ClientRows | CohortSum | SecureSum,
         round_index: int,
     ) -> tuple[ServerState, dict[str, float]]:
         """One outer step from the round's individual updates, or from their secure sum under SecAgg+."""
@@ -124,7 +124,11 @@ class Outer:
                 round_index=round_index,
                 stream=0,
             )
-        if isinstance(updates, SecureSum):
+        if isinstance(updates, CohortSum):
+            state, metrics = apply_sum(
+                state, updates, self.optimizer, privacy=privacy, sampled=self.sampled, generator=generator
+            )
+        elif isinstance(updates, SecureSum):
             state, metrics = apply_secure_sum(
                 state, updates, self.optimizer, privacy=privacy, sampled=self.sampled, generator=generator
             )
@@ -317,6 +321,20 @@ class Experiment:
             for i, c in enumerate(client_indices)
         ]
         return ClientRows.of(protected)
+
+    def cohort_sum(self, params: Params, client_indices: Sequence[int], round_index: int) -> CohortSum:
+        """`cohort_update`'s rows reduced where they were computed (`compute.reply = "sum"`): checked and, under
+        central DP, clipped as the server would (`fedmeta.round.sum_rows`), then summed."""
+        rows = self.cohort_update(params, client_indices, round_index)
+        p = self.config.privacy
+        return sum_rows(
+            rows,
+            params,
+            clip_norm=p.clip_norm if p.enabled and p.mode == "central" else None,
+            equal_weights=p.enabled,
+            max_norm=self.config.robust.max_update_norm,
+            client_clip_norm=p.clip_norm if p.enabled and p.mode != "central" else None,
+        )
 
 
 def eval_protocol(config: RunConfig) -> EvalProtocol:

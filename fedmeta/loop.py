@@ -42,7 +42,7 @@ from fedmeta.experiment import (
 from fedmeta.metrics import START, JsonlSink, write_json
 from fedmeta.round import SecureSum, ServerState
 from fedmeta.sampling import sample_clients
-from fedmeta.types import ClientRows, ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,11 @@ class FederationInfo:
 
 @dataclass
 class Replies:
-    """A round's results as they came back: the individual updates (pairs, or a cohort's rows), or their secure
-    sum, or None when too few clients answered for the round to count (the transport has said why)."""
+    """A round's results as they came back: the individual updates (pairs, or a cohort's rows), their sum
+    (`compute.reply = "sum"`), or their secure sum, or None when too few clients answered for the round to
+    count (the transport has said why)."""
 
-    updates: list[tuple[str, ClientUpdate]] | ClientRows | SecureSum | None
+    updates: list[tuple[str, ClientUpdate]] | ClientRows | CohortSum | SecureSum | None
     received: int
     absent: int = 0  # sampled, but no node holds that client
     failed: int = 0  # an error or a malformed reply

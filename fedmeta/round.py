@@ -17,7 +17,7 @@ from fedmeta.functional import rows_mean
 from fedmeta.privacy.mechanism import ServerPrivacy, global_norm
 from fedmeta.robust import coordinate_median, trimmed_mean
 from fedmeta.server_opt import OptState, OuterOptimizer
-from fedmeta.types import ClientRows, ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,11 @@ def apply_round(
         )
         releases = (*releases, privacy.release_multiplier(replied=len(rows), sampled=asked))
         metrics.update(dp_metrics)
+        if privacy.mode != "central" and "update_norm" in rows.metrics:
+            # The clients clipped before noising: what they were clipped at is in their reported norms, not in
+            # the norms of the noised updates the server holds.
+            reported = rows.metrics["update_norm"]
+            metrics["clipped_fraction"] = sum(n > clip_norm for n in reported) / len(reported)
     metrics["tasks"] = sum(weights)
     for name, values in rows.metrics.items():
         metrics[name] = sum(w * m for w, m in zip(weights, values, strict=True)) / sum(weights)
@@ -232,6 +237,121 @@ def apply_secure_sum(
         )
         releases = (*releases, privacy.release_multiplier(replied=secure.count, sampled=asked))
         metrics["clip_norm"] = clip_norm
+    return _step(state, direction, optimizer, clip_norm, releases, metrics)
+
+
+def sum_rows(
+    rows: ClientRows,
+    params: Params,
+    *,
+    clip_norm: float | None = None,
+    equal_weights: bool = False,
+    max_norm: float | None = None,
+    client_clip_norm: float | None = None,
+) -> CohortSum:
+    """A cohort's rows reduced where they were computed to what a mean-aggregating server needs (`CohortSum`).
+
+    Each row is checked as the server checks it (`accepted_rows`: the model's keys and shapes, finite,
+    positive task count, at most `max_norm` long) and the refused ones are named; under central DP each
+    accepted row is clipped to `clip_norm`, as the server would. Rows weigh their task count, or 1 each with
+    `equal_weights` (under DP). Sums are taken in float64 in one matrix product, so the mean differs from the
+    row-by-row mean of `apply_round` only by float64 rounding. `client_clip_norm`: the clients clipped to it
+    themselves (distributed or local DP) and reported their norms before clipping; those longer are counted.
+    """
+    count = len(rows)
+    first_id = min(rows.client_ids) if count else ""
+    try:
+        check_structure(rows.directions, params, rows=True)
+    except RejectedUpdate as reason:  # the whole cohort has the wrong model
+        rejected = tuple((client_id, str(reason)) for client_id in sorted(rows.client_ids))
+        zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
+        return CohortSum(zeros, 0.0, 0, 0, {}, 0, rejected, first_id)
+    flat = torch.cat([rows.directions[k].reshape(count, -1).double() for k in params], 1)
+    norms = flat.norm(dim=1) if count else flat.new_zeros(0)
+    keep, rejected = [], []
+    for i in sorted(range(count), key=lambda i: rows.client_ids[i]):
+        if not torch.isfinite(norms[i]):
+            rejected.append((rows.client_ids[i], "holds NaN or Inf"))
+        elif rows.num_tasks[i] <= 0:
+            rejected.append((rows.client_ids[i], f"num_tasks must be positive, got {rows.num_tasks[i]}"))
+        elif max_norm is not None and norms[i] > max_norm:
+            reason = f"norm {float(norms[i]):.4g} exceeds robust.max_update_norm {max_norm:g}"
+            rejected.append((rows.client_ids[i], reason))
+        else:
+            keep.append(i)
+    index = torch.tensor(keep, dtype=torch.long)
+    kept, kept_norms = flat.index_select(0, index), norms.index_select(0, index)
+    tasks = torch.tensor([float(rows.num_tasks[i]) for i in keep], dtype=torch.float64)
+    weights = torch.ones_like(tasks) if equal_weights else tasks
+    clipped = 0
+    if clip_norm is not None:
+        over = kept_norms > clip_norm
+        clipped = int(over.sum())
+        factor = torch.where(over, clip_norm / kept_norms.clamp_min(1e-300), torch.ones_like(kept_norms))
+        weights = weights * factor
+    elif client_clip_norm is not None and "update_norm" in rows.metrics:
+        clipped = sum(rows.metrics["update_norm"][i] > client_clip_norm for i in keep)
+    total = weights @ kept if keep else torch.zeros(flat.shape[1], dtype=torch.float64)
+    sizes = [params[k].numel() for k in params]
+    return CohortSum(
+        {k: part.reshape(params[k].shape) for k, part in zip(params, torch.split(total, sizes), strict=True)},
+        float(len(keep)) if equal_weights else float(tasks.sum()),
+        len(keep),
+        int(tasks.sum()),
+        {name: float(sum(rows.num_tasks[i] * values[i] for i in keep)) for name, values in rows.metrics.items()},
+        clipped,
+        tuple(rejected),
+        first_id,
+    )
+
+
+def apply_sum(
+    state: ServerState,
+    cohort: CohortSum,
+    optimizer: OuterOptimizer,
+    *,
+    privacy: ServerPrivacy | None = None,
+    sampled: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[ServerState, dict[str, float]]:
+    """One outer step from cohorts' sums (`sum_rows`): the step `apply_round` takes from the same rows.
+
+    The refusals the workers made are logged here; a sum of the wrong shape or not finite is refused whole and
+    leaves the state unchanged. Under central DP the workers clipped; the server adds the noise to the mean of
+    the `count` clipped updates and records the release, as for rows.
+    """
+    for client_id, reason in cohort.rejected:
+        log.warning("round %d: rejected update from client %s: %s", state.round + 1, client_id, reason)
+    metrics: dict[str, float] = {"clients": cohort.count, "rejected": len(cohort.rejected)}
+    if cohort.count <= 0:
+        log.warning("round %d: no acceptable update; meta-parameters unchanged", state.round + 1)
+        return replace(state, round=state.round + 1), metrics
+    try:
+        if set(cohort.total) != set(state.params) or any(
+            cohort.total[k].shape != v.shape for k, v in state.params.items()
+        ):
+            raise RejectedUpdate("its keys or shapes differ from the model's")
+        if not all(torch.isfinite(v).all() for v in cohort.total.values()) or not cohort.weight > 0:
+            raise RejectedUpdate(f"it holds NaN or Inf, or a weight of {cohort.weight}")
+    except RejectedUpdate as reason:
+        log.warning("round %d: rejected the cohorts' sum: %s", state.round + 1, reason)
+        return replace(state, round=state.round + 1), {"clients": 0, "rejected": cohort.count}
+    direction = {k: (cohort.total[k] / cohort.weight).to(v.dtype) for k, v in state.params.items()}
+    clip_norm, releases = state.clip_norm, state.dp_releases
+    if privacy is not None:
+        if clip_norm is None or generator is None:
+            raise ValueError("a private round needs the state's clip norm and a noise generator")
+        if privacy.adaptive:
+            raise ValueError("adaptive clipping needs each client's clipped bit: use cohort rows, not sums")
+        asked = sampled if sampled is not None else cohort.count
+        direction = privacy.release(
+            direction, replied=cohort.count, sampled=asked, clip_norm=clip_norm, generator=generator
+        )
+        releases = (*releases, privacy.release_multiplier(replied=cohort.count, sampled=asked))
+        metrics.update({"clip_norm": clip_norm, "clipped_fraction": cohort.clipped / cohort.count})
+    metrics["tasks"] = float(cohort.tasks)
+    for name, total in cohort.metrics.items():
+        metrics[name] = total / cohort.tasks
     return _step(state, direction, optimizer, clip_norm, releases, metrics)
 
 

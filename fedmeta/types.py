@@ -109,3 +109,48 @@ class ClientRows:
             tuple(n for part in parts for n in part.num_tasks),
             {name: tuple(m for part in parts for m in part.metrics[name]) for name in names},
         )
+
+
+@dataclass(frozen=True)
+class CohortSum:
+    """A cohort's updates reduced to what a mean-aggregating server needs: their weighted sum and its weight.
+
+    What a cohort worker returns instead of its rows when the server only averages (`compute.reply = "sum"`):
+    one model-sized message whatever the cohort's size. `total` is the float64 sum of weight x direction over the
+    accepted clients (under DP every client weighs 1 and its direction is clipped first); `metrics` are the
+    per-client metrics summed weighted by task count (`tasks` is that count's sum); `clipped` counts the
+    directions the clip shortened; `rejected` names each refused client with the reason. Parts from several
+    workers add up (`combine`).
+    """
+
+    total: Params  # name -> float64 tensor shaped like the parameter
+    weight: float
+    count: int
+    tasks: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    clipped: int = 0
+    rejected: tuple[tuple[str, str], ...] = ()
+    first_id: str = ""  # the smallest client id in the cohort: orders parts, so sums do not depend on arrival
+
+    @classmethod
+    def combine(cls, parts: Sequence[CohortSum]) -> CohortSum:
+        """Several workers' sums as one, added in the order of their first client id."""
+        if not parts:
+            raise ValueError("no sums to combine")
+        ordered = sorted(parts, key=lambda part: part.first_id)
+        if len(ordered) == 1:
+            return ordered[0]
+        names = set(ordered[0].metrics)
+        for part in ordered[1:]:
+            if set(part.total) != set(ordered[0].total) or set(part.metrics) != names:
+                raise ValueError("sums to combine differ in their keys or metric names")
+        return cls(
+            {k: sum((part.total[k] for part in ordered[1:]), ordered[0].total[k]) for k in ordered[0].total},
+            sum(part.weight for part in ordered),
+            sum(part.count for part in ordered),
+            sum(part.tasks for part in ordered),
+            {name: sum(part.metrics[name] for part in ordered) for name in ordered[0].metrics},
+            sum(part.clipped for part in ordered),
+            tuple(r for part in ordered for r in part.rejected),
+            ordered[0].first_id,
+        )

@@ -23,9 +23,9 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary
 from fedmeta.experiment import EvalProtocol
 from fedmeta.loop import FederationInfo, Replies, run
-from fedmeta.types import ClientRows, ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 from server.secagg import secure_round
-from wire.records import content_to_rows, content_to_update, get_int, params_to_record
+from wire.records import content_to_rows, content_to_sum, content_to_update, get_int, params_to_record
 
 log = logging.getLogger(__name__)
 SERVER_PREFIX = "server."
@@ -291,8 +291,10 @@ class GridTransport:
         return nodes
 
     def _train_cohorts(self, config: RunConfig, params: Params, round_index: int, clients: Sequence[int]) -> Replies:
-        """A round over cohort workers: each computes its share of the sampled clients and returns their rows."""
+        """A round over cohort workers: each computes its share of the sampled clients and returns their rows
+        (or, with `compute.reply = "sum"`, their sum)."""
         workers = config.compute.workers
+        sums = config.compute.reply == "sum"
         asked: dict[int, list[int]] = {}
         for c in clients:
             if (node := self.worker_nodes.get(c % workers)) is not None:
@@ -313,7 +315,7 @@ class GridTransport:
             )
             for node_id, indices in asked.items()
         ]
-        parts: list[ClientRows] = []
+        parts: list[ClientRows | CohortSum] = []
         failed = answered = 0
         for reply in self.grid.send_and_receive(messages, timeout=self.options.round_timeout):
             sent = len(asked.get(reply.metadata.src_node_id, []))
@@ -328,10 +330,11 @@ class GridTransport:
                 )
                 continue
             try:
-                rows = content_to_rows(reply.content)
-                if len(rows) != sent:
-                    raise ValueError(f"{len(rows)} rows for {sent} clients")
-                parts.append(rows)
+                part = content_to_sum(reply.content) if sums else content_to_rows(reply.content)
+                replied = part.count + len(part.rejected) if isinstance(part, CohortSum) else len(part)
+                if replied != sent:
+                    raise ValueError(f"{replied} updates for {sent} clients")
+                parts.append(part)
             except (KeyError, TypeError, ValueError) as error:
                 failed += sent
                 log.warning(
@@ -341,8 +344,14 @@ class GridTransport:
                     error,
                 )
         present = sum(len(v) for v in asked.values())
-        rows = ClientRows.concat(parts) if parts else None
-        received = len(rows) if rows is not None else 0
+        rows: ClientRows | CohortSum | None = None
+        received = 0
+        if parts and sums:
+            rows = CohortSum.combine([p for p in parts if isinstance(p, CohortSum)])
+            received = rows.count + len(rows.rejected)
+        elif parts:
+            rows = ClientRows.concat([p for p in parts if isinstance(p, ClientRows)])
+            received = len(rows)
         replies = Replies(
             rows, received=received, failed=failed, timed_out=present - answered, absent=len(clients) - present
         )

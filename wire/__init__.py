@@ -5,7 +5,9 @@ Shared by `server/` and `client/` and owned by neither; `fedmeta/` never imports
 train request:    PARAMS (ArrayRecord), CONFIG (ConfigRecord: the flat RunConfig + ROUND [+ CLIENTS for a worker])
 train reply:      DIRECTION (ArrayRecord), METRICS (MetricRecord: task metrics + NUM_TASKS), CLIENT (ConfigRecord);
                   a worker's: the same records with one row (a leading axis, or a list entry) per client, CLIENT
-                  holding CLIENT_IDS
+                  holding CLIENT_IDS; a worker's sum (compute.reply = "sum"): DIRECTION the float64 total,
+                  METRICS the metric sums + NUM_TASKS, WEIGHT, COUNT, CLIPPED; CLIENT holding FIRST_ID and
+                  REJECTED_IDS / REJECTED_REASONS
 evaluate request: PARAMS, BASELINE_PREFIX + name for each baseline model, CONFIG [+ CLIENTS], PROTOCOL
 evaluate reply:   METRICS with "<model>.k<step>" -> list of per-task values (a worker's: clients x tasks, in the
                   order of CLIENTS), CLIENT
@@ -33,6 +35,12 @@ NUM_TRAIN = "num-train"
 NUM_UNSEEN = "num-unseen"
 CLIENTS = "clients"
 CLIENT_IDS = "client-ids"
+WEIGHT = "weight"
+COUNT = "count"
+CLIPPED = "clipped"
+FIRST_ID = "first-id"
+REJECTED_IDS = "rejected-ids"
+REJECTED_REASONS = "rejected-reasons"
 NUM_PARTITIONS = "num-partitions"
 NUM_GLOBAL_OUTPUTS = "num-global-outputs"
 

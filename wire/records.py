@@ -14,7 +14,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 import wire
-from fedmeta.types import ClientRows, ClientUpdate, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -83,6 +83,48 @@ def content_to_rows(content: RecordDict) -> ClientRows:
         record_to_params(content.array_records[wire.DIRECTION]),
         tuple(num_tasks),
         {k: tuple(float(x) for x in v) for k, v in metrics.items() if isinstance(v, list)},
+    )
+
+
+def sum_to_content(cohort: CohortSum) -> RecordDict:
+    """A cohort worker's train reply under `compute.reply = "sum"`: one model-sized total for all its clients."""
+    counts = {wire.NUM_TASKS: cohort.tasks, wire.WEIGHT: cohort.weight, wire.COUNT: cohort.count}
+    return RecordDict(
+        {
+            wire.DIRECTION: params_to_record(cohort.total),
+            wire.METRICS: MetricRecord({**cohort.metrics, **counts, wire.CLIPPED: cohort.clipped}),
+            wire.CLIENT: ConfigRecord(
+                {
+                    wire.FIRST_ID: cohort.first_id,
+                    wire.REJECTED_IDS: [c for c, _ in cohort.rejected],
+                    wire.REJECTED_REASONS: [reason for _, reason in cohort.rejected],
+                }
+            ),
+        }
+    )
+
+
+def content_to_sum(content: RecordDict) -> CohortSum:
+    """Decode a cohort worker's sum; raises KeyError/TypeError/ValueError on a malformed one."""
+    metrics = dict(content.metric_records[wire.METRICS])
+    tasks, count, clipped = (get_int(metrics, key) for key in (wire.NUM_TASKS, wire.COUNT, wire.CLIPPED))
+    weight = metrics[wire.WEIGHT]
+    if not isinstance(weight, int | float) or isinstance(weight, bool):
+        raise TypeError(f"record field {wire.WEIGHT!r} must be a number, got {weight!r}")
+    client = content.config_records[wire.CLIENT]
+    ids, reasons = client[wire.REJECTED_IDS], client[wire.REJECTED_REASONS]
+    if not isinstance(ids, list) or not isinstance(reasons, list) or len(ids) != len(reasons):
+        raise TypeError(f"{wire.REJECTED_IDS} and {wire.REJECTED_REASONS} must be lists of one length")
+    names = (wire.NUM_TASKS, wire.WEIGHT, wire.COUNT, wire.CLIPPED)
+    return CohortSum(
+        record_to_params(content.array_records[wire.DIRECTION]),
+        float(weight),
+        count,
+        tasks,
+        {k: float(v) for k, v in metrics.items() if k not in names and isinstance(v, int | float)},
+        clipped,
+        tuple((str(c), str(r)) for c, r in zip(ids, reasons, strict=True)),
+        str(client[wire.FIRST_ID]),
     )
 
 

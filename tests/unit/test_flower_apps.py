@@ -340,6 +340,37 @@ def test_cohort_workers_over_a_grid_equal_the_in_process_loop(tmp_path: Path, al
     assert_same_rows(read_jsonl(tmp_path / "w" / "metrics.jsonl"), read_jsonl(tmp_path / "local" / "metrics.jsonl"))
 
 
+def test_cohort_workers_replying_with_sums_equal_the_in_process_loop(tmp_path: Path, caplog) -> None:
+    # compute.reply = "sum" under central DP: each of three workers clips its clients and sends one total; the
+    # server combines them, adds the noise and steps - the in-process loop's step from one cohort's sum (the
+    # same to float64 rounding: three partial sums against one), with the same releases and refusals.
+    config = small(
+        algorithm="reptile",
+        **{
+            "compute.workers": 3,
+            "compute.reply": "sum",
+            "federation.clients_per_round": 4,
+            "privacy.mode": "central",
+            "privacy.noise_multiplier": 0.7,
+            "privacy.clip_norm": 0.05,
+            "privacy.reproducible_noise": True,
+            "robust.max_update_norm": 1e3,
+        },
+    )
+
+    serve(InProcessGrid(client_app, num_partitions=3), config, ServerOptions(out_dir=str(tmp_path / "w")))
+    simulate(config, tmp_path / "local", progress=False)
+
+    workers, local = (load_checkpoint(tmp_path / d / "checkpoint.pt")[1] for d in ("w", "local"))
+    for k in local.params:
+        torch.testing.assert_close(workers.params[k], local.params[k], rtol=1e-6, atol=1e-7)
+    assert workers.dp_releases == local.dp_releases and len(local.dp_releases) == config.federation.rounds
+    rows = [meta_rows(tmp_path / d / "metrics.jsonl") for d in ("w", "local")]
+    for key in ("clients", "tasks", "clipped_fraction", "epsilon"):
+        assert [r[key] for r in rows[0]] == pytest.approx([r[key] for r in rows[1]])
+    assert all(r["clients"] == 4 and r["clipped_fraction"] > 0 for r in rows[0])
+
+
 def test_a_failing_cohort_worker_counts_each_of_its_clients(tmp_path: Path, caplog) -> None:
     config = small(**{"federation.clients_per_round": 4, "compute.workers": 2})  # worker 2 holds clients 1 and 3
     grid = InProcessGrid(client_app, num_partitions=2, handlers={2: _failing})
