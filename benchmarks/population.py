@@ -1,6 +1,7 @@
 """Round time and per-logical-client cost against clients per round, for four ways of running the clients, side
 by side in one run: in-process one client at a time (`--client-loop`), in-process cohorts (the default), Flower's
-Ray engine with one virtual SuperNode per client, and Ray with cohort workers (`--workers`).
+Ray engine with one virtual SuperNode per client, and Ray with cohort workers (`--workers`); the `-sums` modes
+are cohorts that send the server their sum instead of every client's row (`--cohort-reply sum`).
 
 Sinusoid Reptile, one task and one inner step per client, drawn from a lazily made population of a million
 clients (Ray one-node-per-client needs as many virtual nodes as clients, so its population is the sample itself
@@ -31,7 +32,7 @@ from fedmeta.metrics import read_jsonl
 from simulations.flower_sim import simulate_flower
 from simulations.inprocess import simulate
 
-MODES = ("inprocess-loop", "inprocess-cohorts", "ray-nodes", "ray-cohorts")
+MODES = ("inprocess-loop", "inprocess-cohorts", "inprocess-sums", "ray-nodes", "ray-cohorts", "ray-sums")
 log = logging.getLogger("population")
 
 
@@ -50,7 +51,8 @@ def config_for(mode: str, clients: int, rounds: int, population: int, workers: i
             "inner.eval_steps": 1,
             "eval.fedavg_rounds": 0,
             "compute.cohorts": mode != "inprocess-loop",
-            "compute.workers": workers if mode == "ray-cohorts" else 0,
+            "compute.workers": workers if mode in ("ray-cohorts", "ray-sums") else 0,
+            "compute.reply": "sum" if mode.endswith("-sums") else "rows",
         }
     )
 
@@ -114,7 +116,8 @@ def main() -> None:
                 "%s %d clients: first round %.2f s, steady %.3f s/round (%.4f ms per client), wall %.0f s",
                 mode, clients, seconds[0], steady, 1000 * steady / clients, wall,
             )  # fmt: skip
-        for ray, local in (("ray-cohorts", "inprocess-cohorts"), ("ray-nodes", "inprocess-loop")):
+        pairs = (("ray-cohorts", "inprocess-cohorts"), ("ray-sums", "inprocess-sums"), ("ray-nodes", "inprocess-loop"))
+        for ray, local in pairs:
             if isinstance(row.get(ray), dict) and isinstance(row.get(local), dict):
                 extra = row[ray]["steady_round_seconds"] - row[local]["steady_round_seconds"]  # type: ignore[index]
                 row[f"{ray}_overhead_ms_per_client"] = 1000 * extra / clients

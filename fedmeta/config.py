@@ -502,7 +502,8 @@ class MamlConfig:
 
 @dataclass(frozen=True)
 class MatchingConfig:
-    """Matching Networks' full-context embeddings (Vinyals et al. 2016, sec. 2.1.2) as an option of `matching`."""
+    """Matching Networks' full-context embeddings (Vinyals et al. 2016, sec. 2.1.2) and metric scaling as
+    options of `matching`."""
 
     fce: bool = option(
         False,
@@ -510,14 +511,21 @@ class MatchingConfig:
         flag="--fce",
     )
     fce_steps: int = option(5, "the attention LSTM's processing steps K (with --fce)", flag="--fce-steps")
+    scale: float = option(
+        1.0,
+        "the factor on the cosine similarities before the attention's softmax (1: the paper's; TADAM's metric "
+        "scaling, arXiv:1805.10123, lets a 20-way attention be confident)",
+        flag="--matching-scale",
+    )
 
     def __post_init__(self) -> None:
         _require(isinstance(self.fce, bool), f"matching.fce must be true or false, got {self.fce!r}")
         _positive_int("matching.fce_steps", self.fce_steps)
+        _positive_float("matching.scale", self.scale)
 
     @property
     def enabled(self) -> bool:
-        return self.fce
+        return self.fce or self.scale != 1.0
 
 
 @dataclass(frozen=True)
@@ -712,7 +720,7 @@ class RunConfig:
         if self.matching.enabled:
             _require(
                 self.algorithm == "matching",
-                f"matching.fce (full-context embeddings) applies to algorithm 'matching', not {self.algorithm!r}",
+                f"matching.fce and matching.scale apply to algorithm 'matching', not {self.algorithm!r}",
             )
         if self.episode.training_queries == 0:
             _require(

@@ -442,6 +442,8 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
         compute["local_lr"] = config.perfedavg.local_lr
     if name == "matching" and config.matching.fce:
         compute["fce_steps"] = config.matching.fce_steps
+    if name == "matching":
+        compute["scale"] = config.matching.scale
     return build_algorithm(
         name,
         model,

@@ -15,6 +15,11 @@ is refined by an attention LSTM for K processing steps:
     h_k = h^_k + f'(x)                                      f(x, S) = h_K
 
 with h_0 = c_0 = 0. The LSTMs' weights are meta-parameters under `fce.`, updated by the outer loop.
+
+Metric scaling (option `scale`, Oreshkin, Rodriguez, Lacoste 2018, TADAM, arXiv:1805.10123 sec. 2.1): the
+attention is the softmax of `scale` x cosine. The paper's attention is scale 1, whose logits are bounded: with
+the non-negative embeddings of a ReLU network (cosines in [0, 1]) a 20-way 1-shot query's probability of its
+own class can never pass e / (e + 19) = 0.125, so the loss saturates and the embedding stops learning.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ FCE_PREFIX = "fce."
 LSTMS = ("support_fwd", "support_bwd", "query")  # fce.<lstm>.{w_ih, w_hh, bias}
 
 
-def matching_log_probs(support_emb: Tensor, support_y: Tensor, query_emb: Tensor, ways: int) -> Tensor:
-    """log P(y = c | query), shape (..., queries, ways): attention (softmax over the support set of the cosine
-    similarities) summed per support label. Leading dimensions (tasks) are batch dimensions."""
+def matching_log_probs(
+    support_emb: Tensor, support_y: Tensor, query_emb: Tensor, ways: int, scale: float = 1.0
+) -> Tensor:
+    """log P(y = c | query), shape (..., queries, ways): attention (softmax over the support set of `scale` x
+    the cosine similarities) summed per support label. Leading dimensions (tasks) are batch dimensions."""
     support = support_emb / support_emb.norm(dim=-1, keepdim=True).clamp_min(EPS)
     query = query_emb / query_emb.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    attention = torch.softmax(query @ support.transpose(-2, -1), dim=-1)  # (..., queries, support)
+    attention = torch.softmax(scale * (query @ support.transpose(-2, -1)), dim=-1)  # (..., queries, support)
     one_hot = torch.nn.functional.one_hot(support_y, ways).to(attention.dtype)  # (..., support, ways)
     return (attention @ one_hot).clamp_min(EPS).log()
 
@@ -74,10 +81,12 @@ def query_context(query: Tensor, context: Tensor, params: Params, steps: int) ->
 class MatchingNet(MetricBased):
     name = "matching"
 
-    def __init__(self, *args: object, fce_steps: int = 0, **kwargs: object) -> None:
-        """`fce_steps`: the attention LSTM's processing steps K; 0 turns full-context embeddings off."""
+    def __init__(self, *args: object, fce_steps: int = 0, scale: float = 1.0, **kwargs: object) -> None:
+        """`fce_steps`: the attention LSTM's processing steps K; 0 turns full-context embeddings off. `scale`:
+        the factor on the cosine similarities (1: the paper's attention)."""
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.fce_steps = fce_steps
+        self.scale = scale
         self.head_prefix = FCE_PREFIX if fce_steps else None
 
     def init_params(self, generator: torch.Generator) -> Params:
@@ -97,4 +106,4 @@ class MatchingNet(MetricBased):
             support = support_context(support, params)
             query = query_context(query, support, params, self.fce_steps)
         # Log-probabilities: their cross-entropy (the default task loss) is the NLL, since they sum to one.
-        return matching_log_probs(support, support_y, query, ways)
+        return matching_log_probs(support, support_y, query, ways, self.scale)

@@ -3,6 +3,8 @@ closed-form linear-regression formulas in numpy, and a hand-computed ProtoNet.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -291,11 +293,14 @@ def test_protonet_direction_is_the_query_cross_entropy_gradient(engine: str) -> 
     assert metrics["query_loss"] == pytest.approx(loss_of(params))
 
 
-def _matching_reference(support: np.ndarray, labels: np.ndarray, query: np.ndarray, ways: int) -> np.ndarray:
-    """Vinyals et al. eq. 1-2 written out: a(x, x_i) = exp(cos) / sum_j exp(cos_j); P(c) = sum_i a_i [y_i = c]."""
+def _matching_reference(
+    support: np.ndarray, labels: np.ndarray, query: np.ndarray, ways: int, scale: float = 1.0
+) -> np.ndarray:
+    """Vinyals et al. eq. 1-2 written out: a(x, x_i) = exp(cos) / sum_j exp(cos_j); P(c) = sum_i a_i [y_i = c]
+    (with TADAM's metric scaling, cos is `scale` x the cosine)."""
     probs = np.zeros((len(query), ways))
     for q, x in enumerate(query):
-        cos = np.array([x @ s / (np.linalg.norm(x) * np.linalg.norm(s)) for s in support])
+        cos = scale * np.array([x @ s / (np.linalg.norm(x) * np.linalg.norm(s)) for s in support])
         attention = np.exp(cos) / np.exp(cos).sum()
         for a, y in zip(attention, labels, strict=True):
             probs[q, y] += a
@@ -311,11 +316,25 @@ def test_matching_attention_and_log_probabilities_match_a_hand_computation() -> 
 
     np.testing.assert_allclose(log_probs.numpy(), _matching_reference(support, labels, query, 3), rtol=1e-10)
     np.testing.assert_allclose(log_probs.exp().sum(-1).numpy(), 1.0, rtol=1e-12)
+    scaled = matching_log_probs(*map(torch.from_numpy, (support, labels, query)), 3, scale=10.0)
+    np.testing.assert_allclose(scaled.numpy(), _matching_reference(support, labels, query, 3, 10.0), rtol=1e-10)
 
 
-def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
+def test_unscaled_matching_cannot_be_confident_in_twenty_ways_and_metric_scaling_can() -> None:
+    # Non-negative (ReLU) embeddings, a query identical to its class's support example and orthogonal to the 19
+    # others: the paper's attention gives its class at most e / (e + 19); scale 10 gives e^10 / (e^10 + 19).
+    support = torch.eye(20, dtype=torch.float64)
+    query, labels = support[:1], torch.arange(20)
+    plain = matching_log_probs(support, labels, query, 20).exp()[0, 0]
+    scaled = matching_log_probs(support, labels, query, 20, scale=10.0).exp()[0, 0]
+    assert float(plain) == pytest.approx(math.e / (math.e + 19))
+    assert float(scaled) == pytest.approx(math.exp(10) / (math.exp(10) + 19)) and scaled > 0.99
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_matching_direction_is_the_query_nll_gradient(engine: str, scale: float) -> None:
     model = nn.Linear(3, 4)
-    algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0)
+    algo = MatchingNet(model, kind="classification", inner_lr=0.1, inner_steps=0, scale=scale)
     params = to_double(init_params(model, torch.Generator().manual_seed(13)))
     task = two_way_task(seed=13)
 
@@ -323,7 +342,7 @@ def test_matching_direction_is_the_query_nll_gradient(engine: str) -> None:
 
     def loss_of(p: dict[str, torch.Tensor]) -> float:
         emb = lambda x: (x @ p["weight"].T + p["bias"]).numpy()  # noqa: E731
-        log_probs = _matching_reference(emb(task.support_x), task.support_y.numpy(), emb(task.query_x), 2)
+        log_probs = _matching_reference(emb(task.support_x), task.support_y.numpy(), emb(task.query_x), 2, scale)
         return float(-log_probs[np.arange(6), task.query_y.numpy()].mean())
 
     assert_close(direction, finite_difference(loss_of, params), atol=1e-6, rtol=1e-4)
@@ -403,10 +422,12 @@ def test_matching_fce_direction_is_the_query_nll_gradient(engine: str) -> None:
 
 
 def test_full_context_embeddings_are_an_option_of_matching_only() -> None:
-    with pytest.raises(ConfigError, match="applies to algorithm 'matching', not 'protonet'"):
+    with pytest.raises(ConfigError, match="apply to algorithm 'matching', not 'protonet'"):
         RunConfig().replace(**{"algorithm": "protonet", "data.dataset": "omniglot", "matching.fce": True})
     with pytest.raises(ConfigError, match="matching.fce_steps must be a positive integer, got 0"):
         RunConfig().replace(**{"matching.fce_steps": 0})
+    with pytest.raises(ConfigError, match="apply to algorithm 'matching', not 'relation'"):
+        RunConfig().replace(**{"algorithm": "relation", "data.dataset": "omniglot", "matching.scale": 10.0})
 
 
 def _siamese_reference(query, support, query_y, support_y, alpha, bias, ways):
