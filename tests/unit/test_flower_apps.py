@@ -394,3 +394,25 @@ def test_a_cohort_worker_refuses_a_wrong_partition_count_and_other_workers_clien
         client_app(asking, context(partition=0, num_partitions=2))
     with pytest.raises(ConfigError, match="secagg masks one client's update per node"):
         config.replace(**{"secagg.enabled": True})
+
+
+def test_the_simulation_grid_is_polled_for_replies_every_10_ms_not_every_100() -> None:
+    # Flower's InMemoryGrid sleeps pull_interval between looks for replies (0.1 s by default): up to 0.1 s idle
+    # in every round. Other grids (no such attribute) are left alone.
+    import inspect
+
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from server.grid import GridTransport
+
+    assert inspect.signature(InMemoryGrid).parameters["pull_interval"].default == 0.1
+
+    class PollingGrid:  # what GridTransport sees of an InMemoryGrid
+        pull_interval = 0.1
+
+    grid = PollingGrid()
+    GridTransport(grid, ServerOptions(out_dir="unused"))  # type: ignore[arg-type]
+    assert grid.pull_interval == 0.01
+    other = InProcessGrid(client_app, num_partitions=1)
+    GridTransport(other, ServerOptions(out_dir="unused"))
+    assert not hasattr(other, "pull_interval")
