@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta.config import EMBEDDING_ALGORITHMS, RunConfig
+from fedmeta.config import EMBEDDING_ALGORITHMS, RunConfig, parse_override
 from fedmeta.evaluation import format_summary
 from simulations.cli import load_preset
 from simulations.inprocess import evaluate_checkpoint, simulate
@@ -78,7 +78,7 @@ def main() -> None:
         if args.time_budget:
             config = config.replace(**{"federation.time_budget": args.time_budget})
         if args.set:
-            config = config.replace(**dict(_override(item) for item in args.set))
+            config = config.replace(**dict(parse_override(item) for item in args.set))
         eval_tasks = args.eval_tasks or (1000 if args.split == "vinyals" else None)
         config = config.replace(**{"data.split": args.split})
         if eval_tasks:
@@ -140,16 +140,6 @@ def _row(algorithm: str, config: RunConfig, summary: dict, result: dict, **where
         "cpu": platform.processor() or platform.machine(),
         "cores": os.cpu_count(),
     }
-
-
-def _override(item: str) -> tuple[str, object]:
-    key, sep, raw = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-    try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
-        return key, raw  # a bare string (outer.schedule=cosine)
 
 
 if __name__ == "__main__":

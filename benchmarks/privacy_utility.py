@@ -18,7 +18,7 @@ import math
 import time
 from pathlib import Path
 
-from fedmeta.config import RunConfig
+from fedmeta.config import RunConfig, parse_override
 from fedmeta.privacy import epsilon_spent
 from fedmeta.tasks import build_federation
 from simulations.cli import load_preset
@@ -35,16 +35,6 @@ def noise_for(epsilon: float, *, rounds: int, sample: int, population: int, delt
         )
         lo, hi = (lo, mid) if spent <= epsilon else (mid, hi)
     return hi
-
-
-def _override(item: str) -> tuple[str, object]:
-    key, sep, text = item.partition("=")
-    if not sep:
-        raise SystemExit(f"--set takes KEY=VALUE, got {item!r}")
-    try:
-        return key, json.loads(text)
-    except json.JSONDecodeError:
-        return key, text
 
 
 def main() -> None:
@@ -86,7 +76,7 @@ def main() -> None:
         data = {"data.num_train_clients": args.clients, "data.num_unseen_clients": 20}
         population = args.clients
     delta = 1 / population**1.1
-    extra = dict(_override(item) for item in args.set)
+    extra = dict(parse_override(item) for item in args.set)
     for algorithm in args.algorithms:
         for epsilon in args.epsilons:
             overrides = {

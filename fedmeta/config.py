@@ -7,6 +7,7 @@ Algorithm code never sees these objects whole; it receives the plain numbers it 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,18 @@ def _positive_int(name: str, value: Any) -> None:
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
         f"{name} must be a positive integer, got {value!r}",
     )
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """A `KEY=VALUE` override from a command line (`outer.eps=1e-3`, `outer.schedule=cosine`): the value read as
+    JSON, or kept as a bare string."""
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"an override is KEY=VALUE (e.g. outer.eps=1e-3), got {item!r}")
+    try:
+        return key, json.loads(text)
+    except json.JSONDecodeError:
+        return key, text
 
 
 def _positive_float(name: str, value: Any) -> None:

@@ -124,3 +124,14 @@ def test_defaults_are_the_main_command_and_travel_flat() -> None:
     flat = config.to_flat()
     assert all(isinstance(v, int | float | str | bool) for v in flat.values())
     assert RunConfig.from_flat(flat) == config
+
+
+def test_a_command_line_override_is_read_as_json_or_kept_as_a_string() -> None:
+    from fedmeta.config import parse_override
+
+    assert parse_override("outer.eps=1e-3") == ("outer.eps", 0.001)
+    assert parse_override("compute.cohorts=false") == ("compute.cohorts", False)
+    assert parse_override("outer.schedule=cosine") == ("outer.schedule", "cosine")
+    assert RunConfig().replace(**dict([parse_override("inner.inner_steps=3")])).inner.inner_steps == 3
+    with pytest.raises(ConfigError, match="an override is KEY=VALUE .* got 'outer.eps'"):
+        parse_override("outer.eps")
