@@ -266,22 +266,26 @@ def sum_rows(
         rejected = tuple((client_id, str(reason)) for client_id in sorted(rows.client_ids))
         zeros = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in params.items()}
         return CohortSum(zeros, 0.0, 0, 0, {}, 0, rejected, first_id)
-    flat = torch.cat([rows.directions[k].reshape(count, -1).double() for k in params], 1)
-    norms = flat.norm(dim=1) if count else flat.new_zeros(0)
-    keep, rejected = [], []
-    for i in sorted(range(count), key=lambda i: rows.client_ids[i]):
+    flat = torch.cat([rows.directions[k].reshape(count, params[k].numel()).double() for k in params], 1)
+    norms = flat.norm(dim=1)
+    all_tasks = torch.tensor(rows.num_tasks, dtype=torch.float64)
+    ok = torch.isfinite(norms) & (all_tasks > 0)
+    if max_norm is not None:
+        ok &= norms <= max_norm
+    rejected = []
+    for i in sorted((~ok).nonzero().flatten().tolist(), key=lambda i: rows.client_ids[i]):
         if not torch.isfinite(norms[i]):
-            rejected.append((rows.client_ids[i], "holds NaN or Inf"))
+            reason = "holds NaN or Inf"
         elif rows.num_tasks[i] <= 0:
-            rejected.append((rows.client_ids[i], f"num_tasks must be positive, got {rows.num_tasks[i]}"))
-        elif max_norm is not None and norms[i] > max_norm:
-            reason = f"norm {float(norms[i]):.4g} exceeds robust.max_update_norm {max_norm:g}"
-            rejected.append((rows.client_ids[i], reason))
+            reason = f"num_tasks must be positive, got {rows.num_tasks[i]}"
         else:
-            keep.append(i)
-    index = torch.tensor(keep, dtype=torch.long)
-    kept, kept_norms = flat.index_select(0, index), norms.index_select(0, index)
-    tasks = torch.tensor([float(rows.num_tasks[i]) for i in keep], dtype=torch.float64)
+            reason = f"norm {float(norms[i]):.4g} exceeds robust.max_update_norm {max_norm:g}"
+        rejected.append((rows.client_ids[i], reason))
+    keep = ok.nonzero().flatten()
+    if len(keep) == count:  # the usual case: no copy of the rows
+        kept, kept_norms, tasks = flat, norms, all_tasks
+    else:
+        kept, kept_norms, tasks = flat.index_select(0, keep), norms.index_select(0, keep), all_tasks[keep]
     weights = torch.ones_like(tasks) if equal_weights else tasks
     clipped = 0
     if clip_norm is not None:
@@ -290,15 +294,20 @@ def sum_rows(
         factor = torch.where(over, clip_norm / kept_norms.clamp_min(1e-300), torch.ones_like(kept_norms))
         weights = weights * factor
     elif client_clip_norm is not None and "update_norm" in rows.metrics:
-        clipped = sum(rows.metrics["update_norm"][i] > client_clip_norm for i in keep)
-    total = weights @ kept if keep else torch.zeros(flat.shape[1], dtype=torch.float64)
+        reported = torch.tensor(rows.metrics["update_norm"], dtype=torch.float64).index_select(0, keep)
+        clipped = int((reported > client_clip_norm).sum())
+    total = weights @ kept
+    metrics = {
+        name: float(torch.tensor(values, dtype=torch.float64).index_select(0, keep) @ tasks)
+        for name, values in rows.metrics.items()
+    }
     sizes = [params[k].numel() for k in params]
     return CohortSum(
         {k: part.reshape(params[k].shape) for k, part in zip(params, torch.split(total, sizes), strict=True)},
         float(len(keep)) if equal_weights else float(tasks.sum()),
         len(keep),
         int(tasks.sum()),
-        {name: float(sum(rows.num_tasks[i] * values[i] for i in keep)) for name, values in rows.metrics.items()},
+        metrics,
         clipped,
         tuple(rejected),
         first_id,

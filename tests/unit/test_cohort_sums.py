@@ -184,3 +184,19 @@ def test_a_run_on_sums_equals_the_run_on_rows(tmp_path: Path, privacy: dict) -> 
 def test_a_sum_reply_where_the_server_needs_more_is_refused_in_one_line(overrides: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         sinusoid(**{"compute.reply": "sum", **overrides})
+
+
+def test_a_cohort_whose_every_update_is_refused_sums_to_nothing_and_the_server_does_not_step() -> None:
+    rows = rows_of([1.0, 2.0], [1, 1])
+    rows.directions["b"][:] = float("nan")
+    optimizer = OuterOptimizer("adam", 0.01)
+    state = init_state(PARAMS, optimizer)
+
+    cohort = sum_rows(rows, PARAMS)
+    empty = sum_rows(ClientRows((), {k: v.new_zeros((0, *v.shape)) for k, v in PARAMS.items()}, ()), PARAMS)
+    after, metrics = apply_sum(state, cohort, optimizer)
+
+    assert (cohort.count, cohort.weight, len(cohort.rejected)) == (0, 0.0, 2)
+    assert (empty.count, empty.rejected) == (0, ()) and all(not v.any() for v in empty.total.values())
+    assert metrics == {"clients": 0, "rejected": 2} and after.round == 1
+    assert all(torch.equal(after.params[k], PARAMS[k]) for k in PARAMS)
