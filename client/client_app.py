@@ -28,7 +28,7 @@ from fedmeta.experiment import Experiment
 from fedmeta.round import check_update
 from fedmeta.runtime import apply_threads, tune_allocator
 from fedmeta.tasks import Federation, build_federation
-from fedmeta.types import ClientUpdate
+from fedmeta.types import ClientUpdate, Params
 from wire.records import (
     arrays_to_params,
     get_int,
@@ -109,7 +109,14 @@ def _setup(message: Message, context: Context, flat: dict[str, Any] | None = Non
 
 def _worker_clients(experiment: Experiment, worker: int, config: Any, population: int) -> list[int]:
     """The clients a cohort worker is asked to compute: each must be one of its own (c mod W = worker)."""
-    clients = get_int_list(config, wire.CLIENTS)
+    if isinstance(config.get(wire.CLIENTS), str):  # under SecAgg+ (legacy FitIns configs hold scalars only)
+        text = config[wire.CLIENTS]
+        try:
+            clients = [int(c) for c in text.split(",")] if text else []
+        except ValueError:
+            raise TypeError(f"record field {wire.CLIENTS!r} must list client indices, got {text!r}") from None
+    else:
+        clients = get_int_list(config, wire.CLIENTS)
     workers = experiment.config.compute.workers
     for c in clients:
         if not 0 <= c < population or c % workers != worker:
@@ -177,19 +184,38 @@ def train(message: Message, context: Context) -> Message:
             params = arrays_to_params(parameters_to_ndarrays(fit.parameters), template)
     except ValueError as error:  # RejectedUpdate included
         raise ModelMismatch(f"the server's model does not match this client's: {error}") from None
+    weight = 1
     if role == wire.ROLE_WORKER:
         clients = _worker_clients(experiment, index, config, len(experiment.federation.train_clients))
-        if experiment.config.compute.reply == "sum":
+        if fit is not None:  # SecAgg+ over cohort workers: this cohort's mean, weighted by its client count
+            update, weight = _secure_cohort_mean(experiment, params, clients, round_index)
+        elif experiment.config.compute.reply == "sum":
             return Message(sum_to_content(experiment.cohort_sum(params, clients, round_index)), reply_to=message)
-        return Message(rows_to_content(experiment.cohort_update(params, clients, round_index)), reply_to=message)
-    update = experiment.client_update(params, index, round_index)
+        else:
+            return Message(rows_to_content(experiment.cohort_update(params, clients, round_index)), reply_to=message)
+    else:
+        update = experiment.client_update(params, index, round_index)
     if fit is None:
         client_id = experiment.federation.train_clients[index].client_id
         return Message(update_to_content(update, client_id=client_id), reply_to=message)
     arrays = update_to_arrays(update, experiment.config.secagg.clipping_range)
-    # Weight 1 (the workflow's max_weight is 1): the server gets the plain mean. No metrics in the clear.
-    reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples=1, metrics={})
+    # Weight 1 for a client (the workflow's max_weight is 1): the server gets the plain mean; a cohort worker's
+    # weight is its client count, so the mean is again over clients. No metrics in the clear.
+    reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples=weight, metrics={})
     return Message(compat.fitres_to_recorddict(reply, keep_input=False), reply_to=message)
+
+
+def _secure_cohort_mean(
+    experiment: Experiment, params: Params, clients: list[int], round_index: int
+) -> tuple[ClientUpdate, int]:
+    """A cohort's mean update and its client count, for SecAgg+. The server learns only the count of clients
+    per worker it asked, so a cohort with a refused update fails whole rather than send a mean of fewer."""
+    cohort = experiment.cohort_sum(params, clients, round_index)
+    if cohort.rejected:
+        client_id, reason = cohort.rejected[0]
+        raise ValueError(f"{len(cohort.rejected)} of this cohort's updates refused (client {client_id}: {reason})")
+    mean = {k: (v / cohort.weight).to(params[k].dtype) for k, v in cohort.total.items()}
+    return ClientUpdate(mean, cohort.tasks), cohort.count
 
 
 @app.evaluate()

@@ -756,20 +756,19 @@ class RunConfig:
                 "it cannot be combined with privacy or secagg",
             )
         if self.compute.reply == "sum":
-            # A sum hides the individual updates that these need; a secure sum has its own path.
+            # A sum hides the individual updates that these need.
             for needed, reason in (
                 (self.compute.cohorts, "cohorts (it is the cohort that sums): drop --client-loop"),
                 (self.robust.aggregator == "mean", f"the mean aggregator, not {self.robust.aggregator!r}"),
                 (not self.privacy.adaptive_clipping, "a fixed clip norm: adaptive clipping counts each client's bit"),
-                (not self.secagg.enabled, "no secagg (SecAgg+ already sums, one client per node)"),
             ):
                 _require(needed, f"compute.reply 'sum' needs {reason}")
         if self.secagg.enabled:
-            # SecAgg+ hides each node's message; a cohort worker's message is many clients' rows.
+            # SecAgg+ hides each node's message: one client's update, or one cohort worker's sum (not its rows).
             _require(
-                self.compute.workers == 0,
-                "secagg masks one client's update per node; with compute.workers each node sends many clients' "
-                "updates - use --workers 0 (one node per client) with --secagg",
+                self.compute.workers == 0 or self.compute.reply == "sum",
+                "secagg masks one update per node; with compute.workers each node sends many clients' updates - "
+                "use --workers 0 (one node per client), or --cohort-reply sum (each worker masks its cohort's sum)",
             )
             # Adaptive clipping needs each client's "was I clipped" bit; under SecAgg+ the server never sees it.
             _require(

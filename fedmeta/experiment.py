@@ -198,10 +198,14 @@ class Outer:
         secagg = self.config.secagg
         if not secagg.enabled:
             return
-        if not 2 <= self.sampled <= secagg.max_clients():
+        workers = self.config.compute.workers
+        # One masked vector per node: a client's update, or a cohort worker's mean (each worker that has clients).
+        masked = min(workers, self.sampled) if workers else self.sampled
+        if not 2 <= masked <= secagg.max_clients():
+            nodes = "cohort workers with clients" if workers else "clients per round"
             raise ConfigError(
-                f"secure aggregation needs 2..{secagg.max_clients()} clients per round at "
-                f"secagg.quantization_range={secagg.quantization_range}, got {self.sampled}"
+                f"secure aggregation needs 2..{secagg.max_clients()} {nodes} at "
+                f"secagg.quantization_range={secagg.quantization_range}, got {masked}"
             )
         p = self.config.privacy
         if p.enabled and p.clip_norm > secagg.clipping_range:

@@ -23,8 +23,9 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import format_summary
 from fedmeta.experiment import EvalProtocol
 from fedmeta.loop import FederationInfo, Replies, run
+from fedmeta.round import SecureSum
 from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
-from server.secagg import secure_round
+from server.secagg import SecureRound, secure_round
 from wire.records import content_to_rows, content_to_sum, content_to_update, get_int, params_to_record
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,16 @@ class Node:
     role: str
     index: int
     client_id: str
+
+
+def _warn_out_of_range(result: SecureRound, config: RunConfig, round_index: int) -> None:
+    if result.out_of_range > 0:
+        log.warning(
+            "round %d: %.2g of the update coordinates exceeded secagg.clipping_range %g and were clipped",
+            round_index + 1,
+            result.out_of_range,
+            config.secagg.clipping_range,
+        )
 
 
 PULL_INTERVAL = 0.01  # seconds between looks for replies in the simulation's in-memory state
@@ -165,13 +176,7 @@ class GridTransport:
                 failed=len(present) - received,
                 metrics={"secagg_out_of_range": result.out_of_range},
             )
-            if result.out_of_range > 0:
-                log.warning(
-                    "round %d: %.2g of the update coordinates exceeded secagg.clipping_range %g and were clipped",
-                    round_index + 1,
-                    result.out_of_range,
-                    config.secagg.clipping_range,
-                )
+            _warn_out_of_range(result, config, round_index)
         else:
             updates, failed = self._train_replies(config, params, round_index, node_ids)
             replies = Replies(
@@ -307,6 +312,8 @@ class GridTransport:
         for c in clients:
             if (node := self.worker_nodes.get(c % workers)) is not None:
                 asked.setdefault(node.node_id, []).append(c)
+        if config.secagg.enabled:
+            return self._train_cohorts_secure(config, params, round_index, clients, asked)
         record = params_to_record(params)
         flat = config.to_flat()
         messages = [
@@ -365,6 +372,53 @@ class GridTransport:
         )
         needed = self.options.min_replies or len(clients)
         if rows is None or received < needed:
+            log.warning(
+                "round %d: %d replies, fewer than the %d required; meta-parameters unchanged",
+                round_index + 1,
+                received,
+                needed,
+            )
+            replies.updates = None
+        return replies
+
+    def _train_cohorts_secure(
+        self,
+        config: RunConfig,
+        params: Params,
+        round_index: int,
+        clients: Sequence[int],
+        asked: dict[int, list[int]],
+    ) -> Replies:
+        """A SecAgg+ round over cohort workers: each masks its cohort's mean, weighted by its client count; the
+        server learns only the mean over every client of the workers that completed the protocol. A worker one
+        of whose clients' updates is refused fails whole, so the count of clients in the mean is exact."""
+        result = secure_round(
+            self.grid,
+            params=params,
+            config={**config.to_flat(), wire.ROUND: round_index},
+            node_ids=list(asked),
+            secagg=config.secagg,
+            round_number=round_index + 1,
+            timeout=self.options.round_timeout,
+            # Legacy FitIns configs hold scalars only: a worker's clients travel as "c1,c2,...".
+            node_config={node: {wire.CLIENTS: ",".join(map(str, indices))} for node, indices in asked.items()},
+            max_weight=max((len(indices) for indices in asked.values()), default=1),
+        )
+        _warn_out_of_range(result, config, round_index)
+        present = sum(len(indices) for indices in asked.values())
+        secure = result.secure
+        received = sum(len(asked[node]) for node in result.nodes) if secure is not None else 0
+        if secure is not None:
+            secure = SecureSum(secure.mean, received)
+        replies = Replies(
+            secure,
+            received=received,
+            failed=present - received,
+            absent=len(clients) - present,
+            metrics={"secagg_out_of_range": result.out_of_range},
+        )
+        needed = self.options.min_replies or len(clients)
+        if secure is None or received < needed:
             log.warning(
                 "round %d: %d replies, fewer than the %d required; meta-parameters unchanged",
                 round_index + 1,

@@ -7,7 +7,9 @@ pieces it needs - a strategy that returns our already sampled nodes and keeps th
 itself (key agreement, secret sharing, masking, dropout recovery) is Flower's, unmodified.
 
 The workflow computes a weighted average with the `num_examples` of each `FitRes` as weight; clients report
-`num_examples = 1` and `max_weight` is 1, so the weights are exact and the result is the plain mean.
+`num_examples = 1` and `max_weight` is 1, so the weights are exact and the result is the plain mean. A cohort
+worker (`compute.workers` with `compute.reply = "sum"`) reports its cohort's mean with the number of clients in
+it, so the aggregate is again the mean over clients.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class SecureRound:
     secure: SecureSum | None
     failures: int
     out_of_range: float = 0.0
+    nodes: tuple[int, ...] = ()  # the nodes whose updates are in the aggregate
 
 
 class _Node(ClientProxy):
@@ -63,6 +66,7 @@ class _Collect(Strategy):
     def __init__(self, instructions: list[tuple[ClientProxy, FitIns]]) -> None:
         self.instructions = instructions
         self.aggregate: list[np.ndarray] | None = None
+        self.nodes: tuple[int, ...] = ()
         self.count = 0
         self.failures = 0
 
@@ -72,6 +76,7 @@ class _Collect(Strategy):
     def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
         # Each result's parameters were replaced by the unmasked aggregate; no individual update is here.
         self.count, self.failures = len(results), len(failures)
+        self.nodes = tuple(proxy.node_id for proxy, _ in results)
         if results:
             self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
         return None, {}
@@ -98,14 +103,21 @@ def secure_round(
     secagg: SecAggConfig,
     round_number: int,
     timeout: float,
+    node_config: dict[int, dict[str, int | float | str | bool]] | None = None,
+    max_weight: float = 1.0,
 ) -> SecureRound:
-    """Train `node_ids` on `params` under SecAgg+ and return the unmasked mean of their updates."""
-    fit = FitIns(ndarrays_to_parameters([params[k].detach().cpu().numpy() for k in sorted(params)]), dict(config))
+    """Train `node_ids` on `params` under SecAgg+ and return the unmasked mean of their updates.
+
+    `node_config`: entries added to `config` for each node (a cohort worker's clients). Nodes report a weight
+    (FitRes.num_examples) of at most `max_weight`; the aggregate is the mean weighted by it: 1 for a client, the
+    count of clients summed for a cohort worker."""
+    parameters = ndarrays_to_parameters([params[k].detach().cpu().numpy() for k in sorted(params)])
     proxies = [_Node(n) for n in node_ids]
     manager = SimpleClientManager()
     for proxy in proxies:
         manager.register(proxy)
-    collect = _Collect([(proxy, fit) for proxy in proxies])
+    extra = node_config or {}
+    collect = _Collect([(proxy, FitIns(parameters, {**config, **extra.get(proxy.node_id, {})})) for proxy in proxies])
     context = LegacyContext(
         Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
         config=ServerConfig(num_rounds=1, round_timeout=timeout),
@@ -117,7 +129,7 @@ def secure_round(
     workflow = SecAggPlusWorkflow(
         num_shares=float(secagg.num_shares),
         reconstruction_threshold=float(secagg.reconstruction_threshold),
-        max_weight=1.0,
+        max_weight=float(max_weight),
         clipping_range=secagg.clipping_range,
         quantization_range=secagg.quantization_range,
         timeout=timeout,
@@ -134,4 +146,6 @@ def secure_round(
     if collect.aggregate is None:
         return SecureRound(None, failures=len(node_ids))
     mean, out_of_range = arrays_to_secure_mean(collect.aggregate, params, secagg.clipping_range)
-    return SecureRound(SecureSum(mean, collect.count), failures=collect.failures, out_of_range=out_of_range)
+    return SecureRound(
+        SecureSum(mean, collect.count), failures=collect.failures, out_of_range=out_of_range, nodes=collect.nodes
+    )

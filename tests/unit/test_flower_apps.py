@@ -392,8 +392,12 @@ def test_a_cohort_worker_refuses_a_wrong_partition_count_and_other_workers_clien
     asking.content.config_records[wire.CONFIG][wire.CLIENTS] = [0, 1]
     with pytest.raises(ValueError, match="client 1 is not one of worker 0's \\(clients c with c mod 2 = 0\\)"):
         client_app(asking, context(partition=0, num_partitions=2))
-    with pytest.raises(ConfigError, match="secagg masks one client's update per node"):
+    asking.content.config_records[wire.CONFIG][wire.CLIENTS] = "0,x"  # the SecAgg+ form, malformed
+    with pytest.raises(TypeError, match="record field 'clients' must list client indices, got '0,x'"):
+        client_app(asking, context(partition=0, num_partitions=2))
+    with pytest.raises(ConfigError, match="secagg masks one update per node; .* or --cohort-reply sum"):
         config.replace(**{"secagg.enabled": True})
+    assert config.replace(**{"secagg.enabled": True, "compute.reply": "sum"}).secagg.enabled
 
 
 def test_the_simulation_grid_is_polled_for_replies_every_10_ms_not_every_100() -> None:

@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.quantization import dequantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 import server.secagg
+import wire
 from client.client_app import app as client_app
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import ConfigError
@@ -154,6 +155,65 @@ def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, 
     assert not any("query_loss" in r for r in rows)  # per-client metrics do not leave the clients in the clear
 
 
+@pytest.mark.parametrize("mode", ["off", "distributed"])
+def test_secagg_over_cohort_workers_matches_the_plain_run_within_quantisation(tmp_path: Path, mode: str) -> None:
+    # Two cohort workers with sum replies: each masks its cohort's mean, weighted by its client count, so the
+    # server learns only the mean over the round's clients - the in-process sums' step, up to quantisation. With
+    # distributed DP each client of a cohort adds its own noise share; the releases are those of the plain run.
+    dp = {"privacy.mode": mode, "privacy.clip_norm": 0.5, "privacy.reproducible_noise": True} if mode != "off" else {}
+    config = small(
+        **{
+            **dp,
+            "outer.optimizer": "sgd",
+            "outer.outer_lr": 0.5,
+            "compute.workers": 2,
+            "compute.reply": "sum",
+            "federation.clients_per_round": 4,
+        }
+    )
+    grid = RecordingGrid(client_app, num_partitions=2)
+
+    plain = simulate(config, tmp_path / "plain", progress=False)
+    secure = serve(grid, config.replace(**{"secagg.enabled": True}), ServerOptions(out_dir=str(tmp_path / "sa")))
+
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")[1]
+    b = load_checkpoint(tmp_path / "sa" / "checkpoint.pt")[1]
+    assert b.round == 3 and a.dp_releases == b.dp_releases
+    for k in a.params:
+        assert torch.allclose(a.params[k], b.params[k], rtol=0, atol=1e-4)
+    assert not all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # quantisation did happen
+    if mode != "off":
+        assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
+    assert all(
+        r["clients"] == 4 and r["secagg_out_of_range"] == 0 for r in meta_rows(tmp_path / "sa" / "metrics.jsonl")
+    )
+    # The workers' replies carried masked vectors only: no rows, no sum, no direction in the clear.
+    trained = [r for r in grid.replies if r.metadata.message_type == "train" and not r.has_error()]
+    assert trained and all(wire.DIRECTION not in r.content.array_records for r in trained)
+    assert all(len(record) == 0 for r in trained for record in r.content.array_records.values())
+
+
+def test_secagg_over_a_cohort_with_a_refused_update_fails_that_worker_whole(tmp_path: Path, caplog) -> None:
+    # The server knows only how many clients it asked each worker for, so a worker whose cohort holds a refused
+    # update must not send a mean over fewer: it fails, and its clients count as failed.
+    config = small(
+        **{
+            "secagg.enabled": True,
+            "compute.workers": 2,
+            "compute.reply": "sum",
+            "federation.clients_per_round": 4,
+            "federation.rounds": 1,
+            "robust.max_update_norm": 1e-9,  # every update is refused
+        }
+    )
+    with caplog.at_level(logging.WARNING):
+        serve(InProcessGrid(client_app, num_partitions=2), config, ServerOptions(out_dir=str(tmp_path)))
+
+    (row,) = meta_rows(tmp_path / "metrics.jsonl")
+    assert row["failed"] == 4 and row.get("skipped") == 1
+    assert "fewer than the 4 required; meta-parameters unchanged" in caplog.text
+
+
 def test_coordinates_beyond_the_clipping_range_are_counted_and_logged(tmp_path: Path, caplog) -> None:
     config = small(**{"secagg.enabled": True, "secagg.clipping_range": 1e-4, "federation.rounds": 1})
     with caplog.at_level(logging.WARNING):
@@ -169,6 +229,11 @@ def test_secagg_configuration_errors_are_clear(tmp_path: Path) -> None:
         small(**{"secagg.enabled": True, "privacy.mode": "central", "privacy.adaptive_clipping": True})
     with pytest.raises(ConfigError, match=r"needs 2\.\.2 clients per round at secagg.quantization_range=2147483647"):
         Experiment.from_config(small(**{"secagg.enabled": True, "secagg.quantization_range": 2**31 - 1}))
+    # Over cohort workers one vector per worker is masked: 2,000 clients per round fit behind 2 workers.
+    cohorts = {"secagg.enabled": True, "compute.reply": "sum", "data.num_train_clients": 4000}
+    Experiment.from_config(small(**cohorts, **{"compute.workers": 2, "federation.clients_per_round": 2000}))
+    with pytest.raises(ConfigError, match=r"needs 2\.\.1023 cohort workers with clients .* got 1"):
+        Experiment.from_config(small(**cohorts, **{"compute.workers": 1, "federation.clients_per_round": 2000}))
     with pytest.raises(ConfigError, match=r"secagg.num_shares must be a fraction in \(0, 1\]"):
         small(**{"secagg.num_shares": 3})
 
