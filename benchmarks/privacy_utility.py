@@ -22,6 +22,7 @@ from fedmeta.config import RunConfig, parse_override
 from fedmeta.privacy import epsilon_spent
 from fedmeta.tasks import build_federation
 from simulations.cli import load_preset
+from simulations.flower_sim import simulate_flower
 from simulations.inprocess import simulate
 
 
@@ -48,6 +49,13 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["reptile", "fomaml"])
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1, 2, 4, 8, math.inf])
     parser.add_argument("--out", help="default: benchmarks/results/privacy_utility[_omniglot].jsonl")
+    parser.add_argument(
+        "--secagg-workers",
+        type=int,
+        default=0,
+        metavar="W",
+        help="run on Flower's Ray engine with SecAgg+ over W cohort workers (--cohort-reply sum), distributed DP",
+    )
     parser.add_argument(
         "--set",
         nargs="+",
@@ -104,10 +112,19 @@ def main() -> None:
             base = (
                 RunConfig.from_dict(load_preset(f"omniglot-{algorithm}")) if args.dataset == "omniglot" else RunConfig()
             )
+            if args.secagg_workers:
+                secure = {"secagg.enabled": True, "compute.workers": args.secagg_workers, "compute.reply": "sum"}
+                if z is not None:
+                    secure["privacy.mode"] = "distributed"
+                overrides.update(secure)
             config = base.replace(**{"eval.curve_every": 0, **overrides, **extra})
             started = time.perf_counter()
-            out = Path("runs/privacy") / f"{args.dataset}-{algorithm}-eps{epsilon:g}"
-            summary = simulate(config, out, progress=False)
+            tag = f"-secagg{args.secagg_workers}" if args.secagg_workers else ""
+            out = Path("runs/privacy") / f"{args.dataset}-{algorithm}-eps{epsilon:g}{tag}"
+            if args.secagg_workers:
+                summary = simulate_flower(config, out, num_cpus=1)
+            else:
+                summary = simulate(config, out, progress=False)
             meta = summary["results"]["meta"]["over_tasks"]
             metric = "accuracy" if args.dataset == "omniglot" else "mse"
             last = config.inner.eval_steps
@@ -127,6 +144,11 @@ def main() -> None:
                 f"ci95_k{last}": meta[last]["ci95"],
                 f"random_init_k{last}": summary["results"]["random_init"]["over_tasks"][last]["mean"],
                 **({"overrides": extra} if extra else {}),
+                **(
+                    {"secagg_workers": args.secagg_workers, "privacy_mode": config.privacy.mode}
+                    if args.secagg_workers
+                    else {}
+                ),
                 "seconds": time.perf_counter() - started,
             }
             print(json.dumps(row), flush=True)
