@@ -128,6 +128,18 @@ def test_a_client_dropping_out_mid_protocol_is_recovered() -> None:
         assert torch.allclose(result.secure.mean[k], expected, rtol=0, atol=STEP)
 
 
+def _assert_same_run_within_quantisation(tmp_path: Path, plain: dict, secure: dict, *, private: bool) -> None:
+    """tmp_path/plain and tmp_path/sa: the same 3 rounds, meta-parameters within quantisation, same releases."""
+    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")[1]
+    b = load_checkpoint(tmp_path / "sa" / "checkpoint.pt")[1]
+    assert b.round == 3 and a.dp_releases == b.dp_releases
+    for k in a.params:
+        assert torch.allclose(a.params[k], b.params[k], rtol=0, atol=1e-4)
+    assert not all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # quantisation did happen
+    if private:
+        assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
+
+
 @pytest.mark.parametrize("mode", ["off", "central", "distributed"])
 def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, mode: str) -> None:
     # Central DP under SecAgg+: the clients clip, the server adds the noise to the sum. Distributed: the clients
@@ -142,14 +154,7 @@ def test_a_secagg_run_matches_the_plain_run_within_quantisation(tmp_path: Path, 
         ServerOptions(out_dir=str(tmp_path / "sa")),
     )
 
-    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")[1]
-    b = load_checkpoint(tmp_path / "sa" / "checkpoint.pt")[1]
-    assert b.round == 3 and a.dp_releases == b.dp_releases
-    for k in a.params:
-        assert torch.allclose(a.params[k], b.params[k], rtol=0, atol=1e-4)
-    assert not all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # quantisation did happen
-    if mode != "off":
-        assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
+    _assert_same_run_within_quantisation(tmp_path, plain, secure, private=mode != "off")
     rows = meta_rows(tmp_path / "sa" / "metrics.jsonl")
     assert all(r["clients"] == 3 and r["secagg_out_of_range"] == 0 for r in rows)
     assert not any("query_loss" in r for r in rows)  # per-client metrics do not leave the clients in the clear
@@ -176,14 +181,7 @@ def test_secagg_over_cohort_workers_matches_the_plain_run_within_quantisation(tm
     plain = simulate(config, tmp_path / "plain", progress=False)
     secure = serve(grid, config.replace(**{"secagg.enabled": True}), ServerOptions(out_dir=str(tmp_path / "sa")))
 
-    a = load_checkpoint(tmp_path / "plain" / "checkpoint.pt")[1]
-    b = load_checkpoint(tmp_path / "sa" / "checkpoint.pt")[1]
-    assert b.round == 3 and a.dp_releases == b.dp_releases
-    for k in a.params:
-        assert torch.allclose(a.params[k], b.params[k], rtol=0, atol=1e-4)
-    assert not all(torch.equal(a.params[k], b.params[k]) for k in a.params)  # quantisation did happen
-    if mode != "off":
-        assert secure["privacy"]["epsilon"] == plain["privacy"]["epsilon"] > 0
+    _assert_same_run_within_quantisation(tmp_path, plain, secure, private=mode != "off")
     assert all(
         r["clients"] == 4 and r["secagg_out_of_range"] == 0 for r in meta_rows(tmp_path / "sa" / "metrics.jsonl")
     )
