@@ -130,7 +130,7 @@ def secure_round(
         num_shares=float(secagg.num_shares),
         reconstruction_threshold=float(secagg.reconstruction_threshold),
         max_weight=float(max_weight),
-        clipping_range=secagg.clipping_range,
+        clipping_range=float(secagg.clipping_range),  # Flower refuses an int here (e.g. 32 from a TOML file)
         quantization_range=secagg.quantization_range,
         timeout=timeout,
     )

@@ -220,6 +220,14 @@ def test_coordinates_beyond_the_clipping_range_are_counted_and_logged(tmp_path: 
     assert "exceeded secagg.clipping_range 0.0001 and were clipped" in caplog.text
 
 
+def test_an_integer_clipping_range_as_a_toml_file_writes_it_runs(tmp_path: Path) -> None:
+    # `clipping_range = 32` in a preset or run config is an int; Flower's SecAgg+ accepts only a float there.
+    config = small(**{"secagg.enabled": True, "secagg.clipping_range": 32, "federation.rounds": 1})
+    serve(InProcessGrid(client_app, num_partitions=6), config, ServerOptions(out_dir=str(tmp_path)))
+    (row,) = meta_rows(tmp_path / "metrics.jsonl")
+    assert row["clients"] == 3 and row["failed"] == 0
+
+
 def test_secagg_configuration_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="the in-process loop has none. Use --engine ray"):
         simulate(small(**{"secagg.enabled": True}), tmp_path, progress=False)
