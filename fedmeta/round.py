@@ -226,18 +226,29 @@ def apply_secure_sum(
         log.warning("round %d: rejected the secure aggregate: %s", state.round + 1, reason)
         return replace(state, round=state.round + 1), {"clients": 0, "rejected": 1}
     metrics: dict[str, float] = {"clients": secure.count, "rejected": 0}
-    clip_norm, releases = state.clip_norm, state.dp_releases
-    direction = secure.mean
+    direction, releases = _release(state, secure.mean, secure.count, privacy, sampled, generator)
     if privacy is not None:
-        if clip_norm is None or generator is None:
-            raise ValueError("a private round needs the state's clip norm and a noise generator")
-        asked = sampled if sampled is not None else secure.count
-        direction = privacy.release(
-            direction, replied=secure.count, sampled=asked, clip_norm=clip_norm, generator=generator
-        )
-        releases = (*releases, privacy.release_multiplier(replied=secure.count, sampled=asked))
-        metrics["clip_norm"] = clip_norm
-    return _step(state, direction, optimizer, clip_norm, releases, metrics)
+        metrics["clip_norm"] = state.clip_norm  # type: ignore[assignment]
+    return _step(state, direction, optimizer, state.clip_norm, releases, metrics)
+
+
+def _release(
+    state: ServerState,
+    mean: Params,
+    count: int,
+    privacy: ServerPrivacy | None,
+    sampled: int | None,
+    generator: torch.Generator | None,
+) -> tuple[Params, tuple[float, ...]]:
+    """The mean of `count` already clipped updates as released (noised under central DP), and the state's
+    releases with this one added; the mean unchanged without privacy."""
+    if privacy is None:
+        return mean, state.dp_releases
+    if state.clip_norm is None or generator is None:
+        raise ValueError("a private round needs the state's clip norm and a noise generator")
+    asked = sampled if sampled is not None else count
+    released = privacy.release(mean, replied=count, sampled=asked, clip_norm=state.clip_norm, generator=generator)
+    return released, (*state.dp_releases, privacy.release_multiplier(replied=count, sampled=asked))
 
 
 def sum_rows(
@@ -345,23 +356,16 @@ def apply_sum(
     except RejectedUpdate as reason:
         log.warning("round %d: rejected the cohorts' sum: %s", state.round + 1, reason)
         return replace(state, round=state.round + 1), {"clients": 0, "rejected": cohort.count}
-    direction = {k: (cohort.total[k] / cohort.weight).to(v.dtype) for k, v in state.params.items()}
-    clip_norm, releases = state.clip_norm, state.dp_releases
+    if privacy is not None and privacy.adaptive:
+        raise ValueError("adaptive clipping needs each client's clipped bit: use cohort rows, not sums")
+    mean = {k: (cohort.total[k] / cohort.weight).to(v.dtype) for k, v in state.params.items()}
+    direction, releases = _release(state, mean, cohort.count, privacy, sampled, generator)
     if privacy is not None:
-        if clip_norm is None or generator is None:
-            raise ValueError("a private round needs the state's clip norm and a noise generator")
-        if privacy.adaptive:
-            raise ValueError("adaptive clipping needs each client's clipped bit: use cohort rows, not sums")
-        asked = sampled if sampled is not None else cohort.count
-        direction = privacy.release(
-            direction, replied=cohort.count, sampled=asked, clip_norm=clip_norm, generator=generator
-        )
-        releases = (*releases, privacy.release_multiplier(replied=cohort.count, sampled=asked))
-        metrics.update({"clip_norm": clip_norm, "clipped_fraction": cohort.clipped / cohort.count})
+        metrics.update({"clip_norm": state.clip_norm, "clipped_fraction": cohort.clipped / cohort.count})  # type: ignore[dict-item]
     metrics["tasks"] = float(cohort.tasks)
     for name, total in cohort.metrics.items():
         metrics[name] = total / cohort.tasks
-    return _step(state, direction, optimizer, clip_norm, releases, metrics)
+    return _step(state, direction, optimizer, state.clip_norm, releases, metrics)
 
 
 def _step(
