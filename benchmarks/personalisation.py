@@ -9,6 +9,7 @@ adaptation) and after fine-tuning; local training alone (random_init after k ste
 (algorithm, model) in benchmarks/results/personalisation.jsonl. Usage:
 
     python benchmarks/personalisation.py --dataset femnist --data-dir ../shared/data --time-budget 8
+    python benchmarks/personalisation.py --dataset shakespeare --set data.lstm_hidden=64 --time-budget 4
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fedmeta.config import RunConfig
+from fedmeta.config import RunConfig, parse_override
 from fedmeta.evaluation import format_summary
 from simulations.cli import load_preset
 from simulations.inprocess import simulate
@@ -48,10 +49,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, help="override the preset's rounds")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES", help="train each algorithm at most this long")
     parser.add_argument("--out", default="benchmarks/results/personalisation.jsonl")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config key over the preset")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # a line per round
 
     base = RunConfig.from_dict(load_preset(f"{args.dataset}-fedmeta")).replace(**{"data.data_dir": args.data_dir})
+    base = base.replace(**dict(parse_override(item) for item in args.set))
     if args.rounds:
         base = base.replace(**{"federation.rounds": args.rounds})
     if args.time_budget:

@@ -155,10 +155,16 @@ class DataConfig:
         "femnist, shakespeare: clients with fewer samples (images; 80-character windows) are left out",
         flag="--min-samples",
     )
+    lstm_hidden: int = option(
+        256,
+        "shakespeare: the width of each of the character LSTM's two layers (LEAF's: 256; narrower fits a CPU)",
+        flag="--lstm-hidden",
+    )
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         _positive_int("min_samples", self.min_samples)
+        _positive_int("lstm_hidden", self.lstm_hidden)
         _require(
             isinstance(self.femnist_variant, str) and self.femnist_variant.strip() != "",
             f"femnist_variant must be a folder name, got {self.femnist_variant!r}",

@@ -122,7 +122,9 @@ class CharLSTM(BodyHead):
         self.head = nn.Linear(hidden, vocab)
 
 
-def build_model(dataset: str, *, out_features: int | None, downsample: str = "stride") -> nn.Module:
+def build_model(
+    dataset: str, *, out_features: int | None, downsample: str = "stride", lstm_hidden: int = 256
+) -> nn.Module:
     if dataset == "sinusoid":
         return SinusoidMLP()
     if dataset in ("omniglot", "femnist"):  # both 28x28 grey images
@@ -130,7 +132,7 @@ def build_model(dataset: str, *, out_features: int | None, downsample: str = "st
     if dataset == "shakespeare":
         if out_features is None:
             raise ValueError("the Shakespeare model predicts characters: it needs the vocabulary size")
-        return CharLSTM(out_features)
+        return CharLSTM(out_features, hidden=lstm_hidden)
     raise ValueError(f"no model for dataset {dataset!r}")
 
 

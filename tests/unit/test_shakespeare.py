@@ -90,6 +90,18 @@ def test_the_character_lstm_equals_torch_lstm_with_the_same_weights() -> None:
     assert isinstance(build_model("shakespeare", out_features=65), CharLSTM)
 
 
+def test_the_lstm_width_is_a_config_option() -> None:
+    from fedmeta.experiment import initial_params, meta_algorithm
+
+    config = RunConfig().replace(
+        **{"data.dataset": "shakespeare", "episode.client_tasks": True, "data.lstm_hidden": 16}
+    )
+    params = initial_params(meta_algorithm(config, num_global_outputs=65), seed=0)
+    assert params["body.w_hh.1"].shape == (64, 16) and params["head.weight"].shape == (65, 16)
+    with pytest.raises(ConfigError, match="lstm_hidden must be a positive integer, got 0"):
+        config.replace(**{"data.lstm_hidden": 0})
+
+
 def test_download_fetches_the_text_once(tmp_path: Path) -> None:
     from fedmeta.tasks.shakespeare import download
 
