@@ -30,7 +30,7 @@ from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
-from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
+from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params, Task
 
 log = logging.getLogger(__name__)
 
@@ -280,33 +280,22 @@ class Experiment:
         for c in client_indices:
             if not 0 <= c < len(population):
                 raise IndexError(f"training client index {c} out of range 0..{len(population) - 1}")
-        clients = [population[c] for c in client_indices]
         ep, fed = self.config.episode, self.config.federation
-        tasks_by_client = []
-        for c, client in zip(client_indices, clients, strict=True):
-            # Tasks depend on (seed, stream, round, client) alone: a client draws the same ones on every transport.
-            rng = task_rng(fed.seed, self.algorithm.data_stream, round_index, c)
-            tasks_by_client.append(
-                local_tasks(
-                    client,
-                    rng,
-                    data_kind=self.algorithm.data_kind,
-                    num_tasks=fed.tasks_per_client,
-                    ways=ep.ways,
-                    shots=ep.training_shots,
-                    queries=ep.training_queries,
-                    batch_size=self.config.eval.fedavg_batch,
-                    support=float(ep.support) if ep.client_tasks else 0.0,
-                    samples=ep.client_samples or 0,
-                )
+        vectorised = self.federation.cohort_episodes
+        if vectorised is not None and self.algorithm.data_kind == "episodes" and not ep.client_tasks:
+            client_ids, tasks_by_client = vectorised(
+                fed.seed,
+                self.algorithm.data_stream,
+                round_index,
+                client_indices,
+                fed.tasks_per_client,
+                ep.training_shots,
+                ep.training_queries,
             )
+        else:
+            client_ids, tasks_by_client = self._client_tasks(client_indices, round_index)
         directions, metrics = self.algorithm.at_round(round_index).cohort_update(params, tasks_by_client)
-        rows = ClientRows(
-            tuple(client.client_id for client in clients),
-            directions,
-            tuple(len(tasks) for tasks in tasks_by_client),
-            metrics,
-        )
+        rows = ClientRows(tuple(client_ids), directions, tuple(len(tasks) for tasks in tasks_by_client), metrics)
         if not client_side_protection(self.config.privacy, secure_aggregation=self.config.secagg.enabled):
             return rows
         protected = [
@@ -325,6 +314,31 @@ class Experiment:
             for i, c in enumerate(client_indices)
         ]
         return ClientRows.of(protected)
+
+    def _client_tasks(self, client_indices: Sequence[int], round_index: int) -> tuple[list[str], list[list[Task]]]:
+        """Each client's own draw of its round's tasks: (client ids, tasks by client)."""
+        population = self.federation.train_clients
+        ep, fed = self.config.episode, self.config.federation
+        clients = [population[c] for c in client_indices]
+        tasks_by_client = []
+        for c, client in zip(client_indices, clients, strict=True):
+            # Tasks depend on (seed, stream, round, client) alone: a client draws the same ones on every transport.
+            rng = task_rng(fed.seed, self.algorithm.data_stream, round_index, c)
+            tasks_by_client.append(
+                local_tasks(
+                    client,
+                    rng,
+                    data_kind=self.algorithm.data_kind,
+                    num_tasks=fed.tasks_per_client,
+                    ways=ep.ways,
+                    shots=ep.training_shots,
+                    queries=ep.training_queries,
+                    batch_size=self.config.eval.fedavg_batch,
+                    support=float(ep.support) if ep.client_tasks else 0.0,
+                    samples=ep.client_samples or 0,
+                )
+            )
+        return [client.client_id for client in clients], tasks_by_client
 
     def cohort_sum(self, params: Params, client_indices: Sequence[int], round_index: int) -> CohortSum:
         """`cohort_update`'s rows reduced where they were computed (`compute.reply = "sum"`): checked and, under

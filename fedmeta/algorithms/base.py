@@ -104,8 +104,9 @@ class Algorithm(ABC):
         """
         if not tasks:
             raise ValueError("client_update needs at least one task")
-        if self._vectorises([tasks]):  # a cohort of one: the same computation as in any cohort, the same bits
-            directions, metrics = self.cohort_update(params, [tasks])
+        alike = self._stack_alike([tasks])
+        if alike is not None:  # a cohort of one: the same computation as in any cohort, the same bits
+            directions, metrics = self._cohort_directions(params, alike, clients=1, per_client=len(tasks))
             return ClientUpdate(
                 {k: v[0] for k, v in directions.items()}, len(tasks), {k: v[0] for k, v in metrics.items()}
             )
@@ -147,45 +148,51 @@ class Algorithm(ABC):
         so both take the same computation), otherwise the clients are computed one after another."""
         if not tasks_by_client or not all(tasks_by_client):
             raise ValueError("a cohort needs at least one client, each with at least one task")
-        if not self._vectorises(tasks_by_client):
+        alike = self._stack_alike(tasks_by_client)
+        if alike is None:
             updates = [self.client_update(params, tasks) for tasks in tasks_by_client]
             return (
                 {k: torch.stack([u.direction[k] for u in updates]) for k in updates[0].direction},
                 {name: tuple(u.metrics[name] for u in updates) for name in updates[0].metrics},
             )
-        flat = [task for tasks in tasks_by_client for task in tasks]
-        per_client = len(tasks_by_client[0])
+        return self._cohort_directions(params, alike, clients=len(tasks_by_client), per_client=len(tasks_by_client[0]))
+
+    def _cohort_directions(
+        self, params: Params, alike: TaskBatch, *, clients: int, per_client: int
+    ) -> tuple[Params, dict[str, tuple[float, ...]]]:
+        """`cohort_update` of `clients` clients whose `per_client` tasks each are stacked in `alike`, client by
+        client: through `task_directions` in chunks of whole clients, then each client's mean."""
         device_params = self._to_device(params)
         parts: list[Params] = []
         per_task: dict[str, list[Tensor]] = {}
         # Chunks of whole clients, so that a chunk never mixes parts of a client with other clients' tasks.
-        clients_per_chunk = max(1, self._chunk_size(len(flat), flat[0]) // per_client)
-        for chunk in TaskBatch.stack(flat, self.device).chunks(clients_per_chunk * per_client):
+        first = Task(alike.support_x[0], alike.support_y[0], alike.query_x[0], alike.query_y[0])
+        clients_per_chunk = max(1, self._chunk_size(len(alike), first) // per_client)
+        for chunk in alike.chunks(clients_per_chunk * per_client):
             with self._precision():
                 directions, chunk_metrics = self.task_directions(device_params, chunk)
             parts.append({k: v.detach() for k, v in directions.items()})
             for name, values in chunk_metrics.items():
                 per_task.setdefault(name, []).append(values.detach().double())
-        clients = len(tasks_by_client)
-        stacked = {
-            k: torch.cat([part[k] for part in parts]).view(clients, per_client, *params[k].shape).sum(1) / per_client
-            for k in parts[0]
-        }
+        if per_client == 1:  # each row is its client's direction already
+            stacked = {k: torch.cat([part[k] for part in parts]) for k in parts[0]}
+        else:
+            stacked = {
+                k: torch.cat([part[k] for part in parts]).view(clients, per_client, *params[k].shape).sum(1)
+                / per_client
+                for k in parts[0]
+            }
         metrics = {name: torch.cat(v).view(clients, per_client).mean(1).tolist() for name, v in per_task.items()}
         return self._to_host(stacked, params), {name: tuple(v) for name, v in metrics.items()}
 
-    def _vectorises(self, tasks_by_client: Sequence[Sequence[Task]]) -> bool:
-        """Whether these clients' tasks go through `task_directions` together: per-task directions, the batched
-        engine, and one task count and one task shape for all."""
+    def _stack_alike(self, tasks_by_client: Sequence[Sequence[Task]]) -> TaskBatch | None:
+        """These clients' tasks stacked on the device if they go through `task_directions` together (per-task
+        directions, the batched engine, one task count and one task shape for all), else None."""
         if not (self.has_task_directions and self.batched):
-            return False
-        first = tasks_by_client[0][0]
-        shape = (first.support_x.shape, first.query_x.shape, first.support_y.shape, first.query_y.shape)
-        return all(len(tasks) == len(tasks_by_client[0]) for tasks in tasks_by_client) and all(
-            (t.support_x.shape, t.query_x.shape, t.support_y.shape, t.query_y.shape) == shape
-            for tasks in tasks_by_client
-            for t in tasks
-        )
+            return None
+        if any(len(tasks) != len(tasks_by_client[0]) for tasks in tasks_by_client):
+            return None
+        return TaskBatch.stack_alike([task for tasks in tasks_by_client for task in tasks], self.device)
 
     # -- compute placement --------------------------------------------------------------------------------
     def _chunk_size(self, num_tasks: int, task: Task) -> int:

@@ -48,6 +48,9 @@ class ClientData(Protocol):
         ...
 
 
+CohortEpisodes = Callable[[int, str, int, Sequence[int], int, int, int], tuple[list[str], list[list[Task]]]]
+
+
 @dataclass(frozen=True)
 class Federation:
     """Train clients (who shape the meta-model) and unseen clients (who only ever evaluate it)."""
@@ -58,6 +61,10 @@ class Federation:
     unseen_clients: Sequence[ClientData]
     # Size of the FedAvg baseline's output layer: classes in the global label space, or 1 for regression.
     num_global_outputs: int
+    # Training clients' episodes for a whole cohort in one go, where the family has a vectorised sampler:
+    # (seed, stream, round, client indices, tasks per client, shots, queries) -> (client ids, tasks by client).
+    # A client's tasks are the same drawn alone or in any cohort; None: each client samples its own.
+    cohort_episodes: CohortEpisodes | None = None
 
     def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
         for group in (self.train_clients, self.unseen_clients):
@@ -175,11 +182,40 @@ def fetch(url: str, path: Path) -> Path:
     return path
 
 
+def _stream_id(stream: str) -> int:
+    return int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
+
+
 def task_rng(seed: int, stream: str, *indices: int) -> np.random.Generator:
     """A generator determined by (run seed, purpose, round, client, ...), never by call order.
 
     `stream` separates purposes (training tasks, evaluation tasks, client sampling) so that drawing more of
     one never shifts another.
     """
-    stream_id = int.from_bytes(stream.encode()[:8].ljust(8, b"\0"), "little")
-    return np.random.default_rng([seed, stream_id, *indices])
+    return np.random.default_rng([seed, _stream_id(stream), *indices])
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (Steele, Lea, Flood 2014), elementwise on uint64 (arithmetic modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def counter_uniforms(seed: int, stream: str, indices: Sequence[int | np.ndarray], count: int) -> np.ndarray:
+    """Uniforms in [0, 1), shape (n, count): row r is determined by (seed, stream, indices[0][r], ...) alone.
+
+    `task_rng` for a whole cohort at once: a counter-based generator (SplitMix64 over a key hashed from the
+    indices) needs no generator object per client, so drawing ten thousand clients' tasks is a few array
+    operations, and a client's draws are the same whether it is drawn alone or among others."""
+    columns = [np.asarray(i, dtype=np.int64).astype(np.uint64).reshape(-1) for i in indices]
+    n = max((c.size for c in columns), default=1)
+    key = np.full(n, _mix64(np.array([seed & (2**64 - 1)], dtype=np.uint64))[0] ^ np.uint64(_stream_id(stream)))
+    for column in columns:
+        key = _mix64((key + _GOLDEN) ^ column)
+    counters = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN
+    bits = _mix64(key[:, None] + counters[None, :])
+    return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53

@@ -9,13 +9,14 @@ Client i's window is a function of (seed, i) alone, so a population of any size 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedmeta.tasks.base import Federation, Population
+from fedmeta.tasks.base import Federation, Population, counter_uniforms
 from fedmeta.types import Task
 
 AMPLITUDE = (0.1, 5.0)
@@ -58,22 +59,49 @@ class SinusoidClient:
         return None  # a sinusoid client can draw any number of points
 
 
-def _window(u: float, bounds: tuple[float, float], width: float) -> tuple[float, float]:
-    """The window of `bounds` of relative `width` starting at relative position u (0..1) of the free room."""
+def _windows(u: np.ndarray, bounds: tuple[float, float], width: float) -> tuple[np.ndarray, np.ndarray]:
+    """The windows of `bounds` of relative `width` starting at relative positions u (0..1) of the free room."""
     lo, hi = bounds
     start = u * (1.0 - width)
     return lo + (hi - lo) * start, lo + (hi - lo) * (start + width)
 
 
 def sinusoid_federation(*, num_train_clients: int, num_unseen_clients: int, window: float, seed: int) -> Federation:
-    """Clients with random windows of the task square; train and unseen clients come from separate streams."""
+    """Clients with random windows of the task square; train and unseen clients come from separate streams.
+
+    Client i's window comes from `counter_uniforms` keyed by (seed, stream, i), so a cohort's windows are one
+    array operation (`cohort_episodes`) and equal to those of the clients made one by one."""
+
+    def windows(stream: int, indices: np.ndarray) -> tuple[np.ndarray, ...]:
+        u = counter_uniforms(seed, "sinusoid-window", [stream, indices], 2)
+        return (*_windows(u[:, 0], AMPLITUDE, window), *_windows(u[:, 1], PHASE, window))
 
     def clients(prefix: str, count: int, stream: int) -> Population:
         def make(i: int) -> SinusoidClient:
-            u = np.random.default_rng([seed, stream, i]).random(2)
-            return SinusoidClient(f"{prefix}{i}", _window(u[0], AMPLITUDE, window), _window(u[1], PHASE, window))
+            a_lo, a_hi, p_lo, p_hi = (float(v[0]) for v in windows(stream, np.array([i])))
+            return SinusoidClient(f"{prefix}{i}", (a_lo, a_hi), (p_lo, p_hi))
 
         return Population(count, make)
+
+    def cohort_episodes(
+        task_seed: int, data_stream: str, round_index: int, indices: Sequence[int], tasks: int, shots: int, queries: int
+    ) -> tuple[list[str], list[list[Task]]]:
+        """Every task of training clients `indices` in one draw: task j of client c from (task_seed, data_stream,
+        round, c, j) alone, so a client's tasks are the same drawn alone or in any cohort."""
+        client = np.repeat(np.asarray(indices, dtype=np.int64), tasks)
+        a_lo, a_hi, p_lo, p_hi = windows(0, client)
+        xy = _episodes(task_seed, data_stream, round_index, client, (a_lo, a_hi), (p_lo, p_hi), tasks, shots + queries)
+        flat = [
+            Task(support_x=sx, support_y=sy, query_x=qx, query_y=qy)
+            for sx, sy, qx, qy in zip(
+                xy[:, :shots, :1].unbind(0),
+                xy[:, :shots, 1:].unbind(0),
+                xy[:, shots:, :1].unbind(0),
+                xy[:, shots:, 1:].unbind(0),
+                strict=True,
+            )
+        ]
+        return [f"train-{i}" for i in indices], [flat[k : k + tasks] for k in range(0, len(flat), tasks)]
 
     return Federation(
         name="sinusoid",
@@ -81,4 +109,26 @@ def sinusoid_federation(*, num_train_clients: int, num_unseen_clients: int, wind
         train_clients=clients("train-", num_train_clients, 0),
         unseen_clients=clients("unseen-", num_unseen_clients, 1),
         num_global_outputs=1,
+        cohort_episodes=cohort_episodes,
     )
+
+
+def _episodes(
+    seed: int,
+    stream: str,
+    round_index: int,
+    client: np.ndarray,
+    amplitude: tuple[np.ndarray, np.ndarray],
+    phase: tuple[np.ndarray, np.ndarray],
+    tasks: int,
+    points: int,
+) -> Tensor:
+    """(len(client), points, 2) float32 (x, y) of task j = position mod `tasks` of each listed client, drawn
+    from (seed, stream, round, client, j): amplitude, phase, then the inputs, all uniform in their windows."""
+    task = np.tile(np.arange(tasks), len(client) // max(tasks, 1))
+    u = counter_uniforms(seed, stream, [round_index, client, task], 2 + points)
+    a = amplitude[0] + (amplitude[1] - amplitude[0]) * u[:, 0]
+    p = phase[0] + (phase[1] - phase[0]) * u[:, 1]
+    x = X_RANGE[0] + (X_RANGE[1] - X_RANGE[0]) * u[:, 2:]
+    y = a[:, None] * np.sin(x - p[:, None])
+    return torch.from_numpy(np.stack([x, y], axis=2)).float()

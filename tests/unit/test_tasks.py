@@ -14,6 +14,7 @@ from PIL import Image
 from fedmeta.sampling import local_tasks, sample_clients
 from fedmeta.tasks import DataError, task_rng
 from fedmeta.tasks import omniglot as om
+from fedmeta.tasks.base import counter_uniforms
 from fedmeta.tasks.sinusoid import AMPLITUDE, PHASE, sinusoid_federation
 
 
@@ -38,6 +39,55 @@ def test_sinusoid_tasks_are_deterministic_from_the_seed_and_respect_the_client_w
     amplitude, phase = np.hypot(*coef), np.arctan2(-coef[1], coef[0])
     assert client.amplitude[0] - 1e-4 <= amplitude <= client.amplitude[1] + 1e-4
     assert client.phase[0] - 1e-4 <= phase <= client.phase[1] + 1e-4
+
+
+def _fit_sine(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(A, phase) of y = A sin(x - phase), by least squares on sin/cos features."""
+    xs, ys = x.double().numpy()[:, 0], y.double().numpy()[:, 0]
+    coef, *_ = np.linalg.lstsq(np.stack([np.sin(xs), np.cos(xs)], axis=1), ys, rcond=None)
+    return float(np.hypot(*coef)), float(np.arctan2(-coef[1], coef[0]))
+
+
+def test_counter_uniforms_are_a_function_of_their_indices_alone() -> None:
+    cohort = counter_uniforms(7, "train", [3, np.arange(20_000)], 6)
+    alone = counter_uniforms(7, "train", [3, 517], 6)
+
+    assert cohort.shape == (20_000, 6) and np.array_equal(alone[0], cohort[517])
+    assert not np.array_equal(counter_uniforms(7, "eval", [3, 517], 6), alone)  # streams apart
+    assert not np.array_equal(counter_uniforms(8, "train", [3, 517], 6), alone)  # seeds apart
+    assert not np.array_equal(counter_uniforms(7, "train", [4, 517], 6), alone)  # rounds apart
+    assert cohort.min() >= 0 and cohort.max() < 1
+    # Uniform: mean and variance of 120,000 draws within 5 standard errors of 1/2 and 1/12; no lag correlation.
+    assert abs(cohort.mean() - 0.5) < 5 * (1 / 12 / cohort.size) ** 0.5
+    assert abs(cohort.var() - 1 / 12) < 5 * (1 / 180 / cohort.size) ** 0.5
+    assert abs(np.corrcoef(cohort[:-1, 0], cohort[1:, 0])[0, 1]) < 5 / len(cohort) ** 0.5
+    assert abs(np.corrcoef(cohort[:, 0], cohort[:, 1])[0, 1]) < 5 / len(cohort) ** 0.5
+
+
+def test_a_sinusoid_clients_training_tasks_are_the_same_alone_or_in_a_cohort() -> None:
+    fed = sinusoid_federation(num_train_clients=1_000_000, num_unseen_clients=2, window=0.2, seed=0)
+    cohort = [5, 17, 999_999]
+
+    ids, tasks = fed.cohort_episodes(0, "train", 3, cohort, 2, 5, 7)
+    _, alone = fed.cohort_episodes(0, "train", 3, [17], 2, 5, 7)
+    _, later = fed.cohort_episodes(0, "train", 4, [17], 2, 5, 7)
+
+    assert ids == ["train-5", "train-17", "train-999999"] == [fed.train_clients[c].client_id for c in cohort]
+    assert [len(t) for t in tasks] == [2, 2, 2]
+    for a, b in zip(tasks[1], alone[0], strict=True):
+        assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("support_x", "support_y", "query_x", "query_y"))
+    assert not torch.equal(tasks[1][0].support_x, tasks[1][1].support_x)  # two tasks, two draws
+    assert not torch.equal(alone[0][0].support_x, later[0][0].support_x)  # another round, another draw
+    for c, client_tasks in zip(cohort, tasks, strict=True):
+        client = fed.train_clients[c]
+        for task in client_tasks:
+            assert task.support_x.shape == (5, 1) and task.query_y.shape == (7, 1)
+            assert float(task.support_x.abs().max()) <= 5.0
+            amplitude, phase = _fit_sine(
+                torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+            )
+            assert client.amplitude[0] - 1e-4 <= amplitude <= client.amplitude[1] + 1e-4
+            assert client.phase[0] - 1e-4 <= phase <= client.phase[1] + 1e-4
 
 
 def test_sinusoid_clients_own_different_windows_inside_the_family() -> None:
