@@ -23,6 +23,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.collections import PolyCollection  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
@@ -79,6 +81,22 @@ def _axis_label(run: Run) -> str:
     return f"{run.metric} (%)" if run.metric == "accuracy" else run.metric
 
 
+def _legend(ax: Axes) -> None:
+    """Inside the axes for a few entries; beside them, in a column, for more (a legend over many curves would
+    hide them), with 20 distinct colours once 10 run out."""
+    lines = ax.get_lines()
+    if len(lines) > 10:
+        palette = plt.get_cmap("tab20").colors
+        for i, line in enumerate(lines):
+            line.set_color(palette[i % len(palette)])
+        for i, band in enumerate(c for c in ax.collections if isinstance(c, PolyCollection)):
+            band.set_color(palette[i % len(palette)])
+    if len(lines) <= 4:
+        ax.legend()
+    else:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+
+
 def training_figure(runs: list[Run]) -> Figure:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for run in runs:
@@ -90,7 +108,7 @@ def training_figure(runs: list[Run]) -> Figure:
     top.set_ylabel(f"training query {_axis_label(runs[0])}")
     bottom.set_ylabel("training query loss")
     bottom.set_xlabel("round")
-    top.legend()
+    _legend(top)
     fig.suptitle("Training clients, per round")
     return fig
 
@@ -115,7 +133,7 @@ def learning_curve_figure(runs: list[Run]) -> Figure | None:
     ax.set_xlabel("training minutes")
     ax.set_ylabel(f"unseen clients, {_axis_label(runs[0])}")
     ax.set_title("Unseen-client learning curve")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
@@ -135,7 +153,7 @@ def personalisation_figure(runs: list[Run]) -> Figure:
     ax.set_xlabel("adaptation steps k on the unseen client's support set")
     ax.set_ylabel(_axis_label(runs[0]))
     ax.set_title(f"Personalisation on {runs[0].summary['unseen_clients']} unseen clients (mean, 95% CI)")
-    ax.legend()
+    _legend(ax)
     return fig
 
 
