@@ -22,6 +22,7 @@ from fedmeta.types import Task
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, math.pi)
 X_RANGE = (-5.0, 5.0)
+_TRAIN = ("train-", 0)  # training clients' id prefix and window stream (cohort_episodes draws them too)
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ def sinusoid_federation(*, num_train_clients: int, num_unseen_clients: int, wind
         """Every task of training clients `indices` in one draw: task j of client c from (task_seed, data_stream,
         round, c, j) alone, so a client's tasks are the same drawn alone or in any cohort."""
         client = np.repeat(np.asarray(indices, dtype=np.int64), tasks)
-        a_lo, a_hi, p_lo, p_hi = windows(0, client)
+        a_lo, a_hi, p_lo, p_hi = windows(_TRAIN[1], client)
         xy = _episodes(task_seed, data_stream, round_index, client, (a_lo, a_hi), (p_lo, p_hi), tasks, shots + queries)
         flat = [
             Task(support_x=sx, support_y=sy, query_x=qx, query_y=qy)
@@ -101,12 +102,12 @@ def sinusoid_federation(*, num_train_clients: int, num_unseen_clients: int, wind
                 strict=True,
             )
         ]
-        return [f"train-{i}" for i in indices], [flat[k : k + tasks] for k in range(0, len(flat), tasks)]
+        return [f"{_TRAIN[0]}{i}" for i in indices], [flat[k : k + tasks] for k in range(0, len(flat), tasks)]
 
     return Federation(
         name="sinusoid",
         kind="regression",
-        train_clients=clients("train-", num_train_clients, 0),
+        train_clients=clients(_TRAIN[0], num_train_clients, _TRAIN[1]),
         unseen_clients=clients("unseen-", num_unseen_clients, 1),
         num_global_outputs=1,
         cohort_episodes=cohort_episodes,
