@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, inner_loop
+from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, inner_loop, inner_states
 from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
@@ -249,6 +249,7 @@ def adapt_trajectory(
     optimizer: InnerOptimizer = SGD,
     overrides: StepOverrides | None = None,
     first_order: bool = False,
+    carried: Params | None = None,
 ) -> Iterator[Params]:
     """Per-task fast weights after 0..steps steps of gradient descent on each task's (x, y).
 
@@ -271,7 +272,36 @@ def adapt_trajectory(
         first_order=first_order,
         example_dim=1,
         expand=lambda shared: per_task(shared, num_tasks),
+        carried=carried,
     )
+
+
+def adapt_with_state(
+    model: nn.Module,
+    kind: str,
+    fast: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    inner_lr: InnerLR,
+    optimizer: InnerOptimizer,
+    carried: Params | None = None,
+) -> tuple[Params, Params]:
+    """The per-task fast weights after `steps` steps and the optimizer's per-task state then, every task
+    starting from the shared state `carried` (broadcast over tasks)."""
+    *_, last = inner_states(
+        lambda p, xb, yb: task_losses(kind, batched_forward(model, p, xb), yb).sum(),
+        fast,
+        x,
+        y,
+        steps=steps,
+        inner_lr=inner_lr,
+        optimizer=optimizer,
+        example_dim=1,
+        carried=carried,
+    )
+    return last
 
 
 def adapt(

@@ -50,6 +50,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "linear", "cosine")
 REPLIES = ("rows", "sum")
 INNER_OPTIMIZERS = ("sgd", "adam")
+ADAM_STATES = ("task", "carried")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
 OMNIGLOT_SPLITS = ("lake", "vinyals")
 PRIVACY_MODES = ("off", "central", "distributed", "local")
@@ -270,6 +271,13 @@ class InnerConfig:
         choices=INNER_OPTIMIZERS,
     )
     inner_batch: int = option(0, "examples per inner step, strided minibatches (0: all)", flag="--inner-batch")
+    adam_state: str = option(
+        "task",
+        "the inner Adam's second moments: fresh for every task, or carried across tasks and rounds in the "
+        "meta-parameters (reptile, as the paper's code)",
+        flag="--inner-adam-state",
+        choices=ADAM_STATES,
+    )
 
     def __post_init__(self) -> None:
         _require(
@@ -289,6 +297,7 @@ class InnerConfig:
             isinstance(self.inner_batch, int) and self.inner_batch >= 0,
             f"inner_batch must be a non-negative integer (0: all examples), got {self.inner_batch!r}",
         )
+        _require(self.adam_state in ADAM_STATES, f"adam_state must be one of {ADAM_STATES}, got {self.adam_state!r}")
 
 
 @dataclass(frozen=True)
@@ -753,6 +762,14 @@ class RunConfig:
                 self.algorithm in ("reptile", "fomaml"),
                 f"inner.inner_optimizer 'adam' is for first-order methods (reptile, fomaml); {self.algorithm} "
                 "differentiates through the inner loop, and through Adam's square root that is undefined",
+            )
+        if self.inner.adam_state == "carried":
+            # The carried state is a running mean: the server's step must be a plain interpolation towards the
+            # clients' states (an Adam outer step would rescale it into nonsense).
+            _require(
+                self.algorithm == "reptile" and self.inner.inner_optimizer == "adam" and self.outer.optimizer == "sgd",
+                "inner.adam_state 'carried' needs algorithm reptile, inner.inner_optimizer adam and "
+                f"outer.optimizer sgd (got {self.algorithm}, {self.inner.inner_optimizer}, {self.outer.optimizer})",
             )
         if self.robust.aggregator != "mean":
             # DP's sensitivity analysis is for the clipped mean; under SecAgg+ the server sees only the sum.

@@ -394,6 +394,7 @@ def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
             "inner.inner_steps": 1,
             "inner.inner_optimizer": "sgd",
             "inner.inner_batch": 0,
+            "inner.adam_state": "task",
             "episode.train_shots": None,
             "episode.train_queries": None,
             "outer.optimizer": "sgd",
@@ -456,6 +457,8 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
             per_step_bn=m.per_step_bn,
             first_order_rounds=m.first_order_rounds,
         )
+    if name == "reptile":
+        compute["carry_state"] = config.inner.adam_state == "carried"
     if name.startswith("perfedavg"):
         compute["local_lr"] = config.perfedavg.local_lr
     if name == "matching" and config.matching.fce:

@@ -47,6 +47,10 @@ def metric_for(kind: str) -> tuple[str, Callable[[Tensor, Tensor], Tensor]]:
     return "accuracy", lambda logits, y: (logits.argmax(dim=-1) == y).double().mean()
 
 
+# The key of carried Adam state's running bias correction (no parameter name starts with "#").
+WEIGHT = "#weight"
+
+
 @dataclass(frozen=True)
 class InnerOptimizer:
     """The inner loop's update rule, as pure functions: plain gradient descent, or Adam with per-task state.
@@ -68,24 +72,38 @@ class InnerOptimizer:
         if self.name not in ("sgd", "adam"):
             raise ValueError(f"inner optimizer must be 'sgd' or 'adam', got {self.name!r}")
 
-    def init(self, fast: Params, keys: Collection[str]) -> Params:
+    def init(self, fast: Params, keys: Collection[str], carried: Params | None = None) -> Params:
+        """Fresh state, or Adam's state carried over from earlier tasks: `carried` holds the second moments
+        `v.<key>` and their total weight `WEIGHT` (see `step`); first moments start at zero either way."""
         if self.name == "sgd":
             return {}
-        return {k: torch.zeros_like(fast[k]) for k in keys} | {f"m.{k}": torch.zeros_like(fast[k]) for k in keys}
+        first = {f"m.{k}": torch.zeros_like(fast[k]) for k in keys}
+        if carried is None:
+            return {k: torch.zeros_like(fast[k]) for k in keys} | first
+        # Clamped: a noised (differentially private) estimate may dip below zero.
+        return {k: carried[f"v.{k}"].clamp_min(0) for k in keys} | first | {WEIGHT: carried[WEIGHT].clamp_min(0)}
 
     def step(
         self, fast: Params, grads: Params, inner_lr: float | Params, state: Params, t: int
     ) -> tuple[Params, Params]:
-        """Step number `t` (1-based) on the keys of `grads`; returns new fast weights and state."""
+        """Step number `t` (1-based) on the keys of `grads`; returns new fast weights and state.
+
+        Fresh state divides v by Adam's bias correction 1 - beta2^t. Carried state keeps that correction's
+        running value as `WEIGHT`, updated like v itself (weight' = beta2 weight + 1 - beta2): v / weight is
+        then the weighted mean of the squared gradients whatever the history, and averaging several tasks'
+        states (v and weight alike) keeps it one. From zero, weight after t steps is 1 - beta2^t: the same rule.
+        """
         if self.name == "sgd":
             return {**fast, **{k: fast[k] - _lr(inner_lr, k) * g for k, g in grads.items()}}, state
         new_state = dict(state)
+        if WEIGHT in state:
+            new_state[WEIGHT] = self.beta2 * state[WEIGHT] + (1 - self.beta2)
         updated = {}
         for k, g in grads.items():
             m = self.beta1 * state[f"m.{k}"] + (1 - self.beta1) * g
             v = self.beta2 * state[k] + (1 - self.beta2) * g * g
             m_hat = m / (1 - self.beta1**t)
-            v_hat = v / (1 - self.beta2**t)
+            v_hat = v / (new_state[WEIGHT] if WEIGHT in state else 1 - self.beta2**t)
             updated[k] = fast[k] - _lr(inner_lr, k) * m_hat / (v_hat.sqrt() + self.eps)
             new_state[k], new_state[f"m.{k}"] = v, m
         return {**fast, **updated}, new_state
@@ -133,6 +151,7 @@ def inner_loop(
     first_order: bool = False,
     example_dim: int = 0,
     expand: Callable[[Params], Params] = lambda p: p,
+    carried: Params | None = None,
 ) -> Iterator[Params]:
     """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent of `loss_of(params, x, y)`.
 
@@ -144,11 +163,47 @@ def inner_loop(
     `overrides(s)` replaces entries in step s's forward (they must then also be applied to any forward with
     the yielded weights). `first_order`: the inner gradients are constants to an outer `grad` (MAML++'s
     derivative-order annealing); the update arithmetic, and so the rates, stay differentiable.
+    `carried`: the optimizer's state from earlier tasks (`InnerOptimizer.init`); `inner_states` also yields it.
     """
+    for fast, _ in inner_states(
+        loss_of,
+        params,
+        x,
+        y,
+        steps=steps,
+        inner_lr=inner_lr,
+        adapt_keys=adapt_keys,
+        optimizer=optimizer,
+        overrides=overrides,
+        first_order=first_order,
+        example_dim=example_dim,
+        expand=expand,
+        carried=carried,
+    ):
+        yield fast
+
+
+def inner_states(
+    loss_of: Callable[[Params, Tensor, Tensor], Tensor],
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    inner_lr: InnerLR,
+    adapt_keys: Collection[str] | None = None,
+    optimizer: InnerOptimizer = SGD,
+    overrides: StepOverrides | None = None,
+    first_order: bool = False,
+    example_dim: int = 0,
+    expand: Callable[[Params], Params] = lambda p: p,
+    carried: Params | None = None,
+) -> Iterator[tuple[Params, Params]]:
+    """`inner_loop`, yielding each step's fast weights with the optimizer's state after that step."""
     keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
     fast = dict(params)
-    state = optimizer.init(fast, keys)
-    yield fast
+    state = optimizer.init(fast, keys, carried)
+    yield fast, state
     for step in range(steps):
         frozen = {k: v for k, v in fast.items() if k not in keys}
         if overrides is not None:
@@ -162,7 +217,7 @@ def inner_loop(
         if first_order:
             grads = {k: g.detach() for k, g in grads.items()}
         fast, state = optimizer.step(fast, grads, lr_of_step(inner_lr, step), state, step + 1)
-        yield fast
+        yield fast, state
 
 
 def adapt_trajectory(
@@ -178,6 +233,7 @@ def adapt_trajectory(
     optimizer: InnerOptimizer = SGD,
     overrides: StepOverrides | None = None,
     first_order: bool = False,
+    carried: Params | None = None,
 ) -> Iterator[Params]:
     """One task's fast weights after 0..steps steps on (x, y) (`inner_loop` with the model's loss)."""
     return inner_loop(
@@ -191,6 +247,7 @@ def adapt_trajectory(
         optimizer=optimizer,
         overrides=overrides,
         first_order=first_order,
+        carried=carried,
     )
 
 
@@ -211,6 +268,32 @@ def adapt(
         model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys, optimizer=optimizer
     )
     return fast
+
+
+def adapt_with_state(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    inner_lr: InnerLR,
+    optimizer: InnerOptimizer,
+    carried: Params | None = None,
+) -> tuple[Params, Params]:
+    """The fast weights after `steps` steps and the optimizer's state then, starting from `carried`."""
+    *_, last = inner_states(
+        lambda p, xb, yb: task_loss(model, loss_fn, p, xb, yb),
+        params,
+        x,
+        y,
+        steps=steps,
+        inner_lr=inner_lr,
+        optimizer=optimizer,
+        carried=carried,
+    )
+    return last
 
 
 def _lr(inner_lr: float | Params, key: str) -> float | Tensor:

@@ -240,6 +240,10 @@ class Algorithm(ABC):
     def adapt_keys(self, params: Params) -> set[str] | None:
         return None  # all parameters
 
+    def adaptation_state(self, params: Params) -> Params | None:
+        """The inner optimizer's state that adaptation starts from (Reptile's carried Adam); None: fresh."""
+        return None
+
     def step_overrides(self, params: Params) -> StepOverrides | None:
         """Entries that replace the fast weights' in step s's forward (MAML++'s per-step batch norm); none here."""
         return None
@@ -261,6 +265,7 @@ class Algorithm(ABC):
             optimizer=self.inner_optimizer,
             overrides=overrides,
             first_order=first_order,
+            carried=self.adaptation_state(params),
         )
         for step, fast in enumerate(trajectory):
             yield fast if overrides is None else {**fast, **overrides(step)}
@@ -286,6 +291,7 @@ class Algorithm(ABC):
             inner_lr=self.adaptation_lr(params),
             adapt_keys=self.adapt_keys(weights),
             optimizer=self.inner_optimizer,
+            carried=self.adaptation_state(params),
         )
         for fast in trajectory:
             yield batched.batched_forward(self.model, fast, batch.query_x).detach()

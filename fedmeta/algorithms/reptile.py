@@ -3,38 +3,89 @@
 The client runs `inner_steps` steps of SGD on each task (support and query pooled: Reptile has no
 train/test split inside a task) and returns the pseudo-gradient `params - adapted`. With an outer SGD step
 of size epsilon the server moves towards the adapted weights: `params + epsilon * mean(adapted - params)`.
+
+Carried Adam state (`carry_state`). The paper's inner loop is Adam with beta1 = 0, and its released code
+(github.com/openai/supervised-reptile, `reptile.py`) restores only the model's weights between tasks: Adam's
+second moments run on across tasks and meta-steps, so a weight's step is its gradient over the long-run RMS of
+its gradients, not lr x sign(gradient) as with fresh state. Federated, the server holds that state among the
+meta-parameters - `inner_adam.v.<name>` (the second moments) and `inner_adam.weight` (their running bias
+correction, `fedmeta.functional.InnerOptimizer.step`); each task starts Adam from it, and the client's
+direction for those entries is `state - state after the task`, so an outer SGD step of 1 replaces the state by
+the mean of the tasks' final states (every entry is linear in the state, so the mean is the state of a mean
+history), and a smaller step blends the two. The entries travel, are clipped and noised with the direction
+like any other: differential privacy covers them.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fedmeta import batched
 from fedmeta.algorithms.base import Algorithm, SequentialLocal
 from fedmeta.batched import TaskBatch
-from fedmeta.functional import adapt, forward
+from fedmeta.functional import WEIGHT, adapt, adapt_with_state, forward
+from fedmeta.models import init_params
 from fedmeta.types import Params, Task
+
+STATE_PREFIX = "inner_adam."
 
 
 class Reptile(Algorithm):
     name = "reptile"
     has_task_directions = True
 
+    def __init__(self, model: nn.Module, *, carry_state: bool = False, **kwargs) -> None:
+        super().__init__(model, **kwargs)
+        if carry_state and self.inner_optimizer.name != "adam":
+            raise ValueError("reptile carries the inner optimizer's state only for an Adam inner loop")
+        self.carry_state = carry_state
+
+    def init_params(self, generator: torch.Generator) -> Params:
+        weights = init_params(self.model, generator)
+        if not self.carry_state:
+            return weights
+        state = {f"{STATE_PREFIX}v.{k}": torch.zeros_like(v) for k, v in weights.items()}
+        return weights | state | {f"{STATE_PREFIX}weight": torch.zeros(1)}
+
+    def model_params(self, params: Params) -> Params:
+        return {k: v for k, v in params.items() if not k.startswith(STATE_PREFIX)}
+
+    def adaptation_state(self, params: Params) -> Params | None:
+        if not self.carry_state:
+            return None
+        carried = {k[len(STATE_PREFIX) :]: v for k, v in params.items() if k.startswith(STATE_PREFIX)}
+        return {k: v for k, v in carried.items() if k != "weight"} | {WEIGHT: carried["weight"]}
+
+    def _state_directions(self, params: Params, state: Params, weights: Params, tasks: int | None) -> Params:
+        """The direction of the carried entries, `held - final` (per task: a leading axis of `tasks`)."""
+        if not self.carry_state:
+            return {}
+        final = {f"v.{k}": state[k] for k in weights} | {"weight": state[WEIGHT]}
+        directions = {}
+        for name, value in final.items():
+            held = params[STATE_PREFIX + name]
+            if tasks is not None:
+                held, value = held.unsqueeze(0), torch.broadcast_to(value, (tasks, *held.shape))
+            directions[STATE_PREFIX + name] = held - value
+        return directions
+
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
-        fast = adapt(
+        weights = self.model_params(params)
+        fast, state = adapt_with_state(
             self.model,
             self.loss_fn,
-            params,
+            weights,
             x,
             y,
             steps=self.inner_steps,
             inner_lr=self.inner_lr,
             optimizer=self.inner_optimizer,
+            carried=self.adaptation_state(params),
         )
-        pseudo_grad = {k: params[k] - fast[k] for k in params}
+        pseudo_grad = {k: weights[k] - fast[k] for k in weights} | self._state_directions(params, state, weights, None)
         logits = forward(self.model, fast, x).detach()
         return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
 
@@ -44,17 +95,20 @@ class Reptile(Algorithm):
 
     def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         x, y = batch.pooled()
-        fast = batched.adapt(
+        weights = self.model_params(params)
+        fast, state = batched.adapt_with_state(
             self.model,
             self.kind,
-            batched.per_task(params, len(batch)),
+            batched.per_task(weights, len(batch)),
             x,
             y,
             steps=self.inner_steps,
             inner_lr=self.inner_lr,
             optimizer=self.inner_optimizer,
+            carried=self.adaptation_state(params),
         )
-        pseudo_grads = {k: params[k].unsqueeze(0) - fast[k] for k in params}
+        pseudo_grads = {k: weights[k].unsqueeze(0) - fast[k] for k in weights}
+        pseudo_grads |= self._state_directions(params, state, weights, len(batch))
         with torch.no_grad():
             logits = batched.batched_forward(self.model, fast, x)
         return pseudo_grads, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)

@@ -111,7 +111,15 @@ def test_ray_simulation_with_secagg_matches_the_plain_loop(tmp_path: Path, monke
 
 
 @pytest.mark.parametrize(
-    "algorithm", [["matching", "--fce", "--fce-steps", "2"], ["siamese"], ["relation"], ["metalstm"]], ids=str
+    "algorithm",
+    [
+        ["matching", "--fce", "--fce-steps", "2"],
+        ["siamese"],
+        ["relation"],
+        ["metalstm"],
+        ["reptile", "--inner-optimizer", "adam", "--inner-adam-state", "carried", "--outer-optimizer", "sgd"],
+    ],
+    ids=str,
 )
 def test_the_metric_methods_and_the_meta_lstm_through_ray_equal_the_in_process_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, algorithm: list[str]

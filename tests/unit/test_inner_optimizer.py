@@ -146,3 +146,149 @@ def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
     assert seen == [(7, 0)] * config.federation.tasks_per_client
     assert algorithm.inner_optimizer == InnerOptimizer("adam", batch=5)
     assert experiment.eval_kwargs()["shots"] == 2
+
+
+def _adam_reference(model, params, tasks, steps: int, lr: float) -> list[dict[str, torch.Tensor]]:
+    """torch.optim.Adam (beta1 0) whose state runs on across tasks while the weights are restored between
+    them (openai/supervised-reptile): each task's final weights."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    reference = torch.optim.Adam(leaves.values(), lr=lr, betas=(0.0, 0.999), eps=1e-8)
+    finals = []
+    for task in tasks:
+        with torch.no_grad():
+            for k in leaves:
+                leaves[k].copy_(params[k])
+        for _ in range(steps):
+            reference.zero_grad()
+            out = torch.func.functional_call(model, leaves, (task.support_x,))
+            torch.nn.functional.mse_loss(out, task.support_y).backward()
+            reference.step()
+        finals.append({k: v.detach().clone() for k, v in leaves.items()})
+    return finals
+
+
+def test_carried_adam_state_continues_torch_adam_across_tasks() -> None:
+    from fedmeta.functional import WEIGHT, adapt_with_state
+
+    model = SinusoidMLP(hidden=8).double()
+    params = to_double(init_params(model, torch.Generator().manual_seed(4)))
+    tasks = [double_task(seed, shots=10) for seed in (5, 6, 7)]
+    inner = InnerOptimizer("adam")
+    expected = _adam_reference(model, params, tasks, steps=3, lr=0.01)
+
+    carried = None
+    for task, want in zip(tasks, expected, strict=True):
+        fast, state = adapt_with_state(
+            model, torch.nn.functional.mse_loss, params, task.support_x, task.support_y,
+            steps=3, inner_lr=0.01, optimizer=inner, carried=carried,
+        )  # fmt: skip
+        for k in params:
+            torch.testing.assert_close(fast[k], want[k], atol=1e-12, rtol=1e-10)
+        carried = {f"v.{k}": state[k] for k in params} | {
+            WEIGHT: state.get(WEIGHT, torch.tensor([1 - 0.999**3], dtype=torch.float64))
+        }
+    assert carried[WEIGHT].item() == pytest.approx(1 - 0.999**9, rel=1e-12)  # the running bias correction
+    # A noised state below zero is read as zero.
+    negative = {f"v.{k}": -torch.ones_like(v) for k, v in params.items()} | {WEIGHT: torch.tensor([-0.5])}
+    assert all((v == 0).all() for k, v in inner.init(params, list(params), negative).items())
+
+
+def _carrying_reptile(batched: bool, **kw):
+    from fedmeta.models import Conv4
+
+    return ALGORITHMS["reptile"](
+        Conv4(3, channels=4),
+        kind="classification",
+        inner_lr=0.01,
+        inner_steps=3,
+        inner_optimizer=InnerOptimizer("adam", batch=4),
+        batched=batched,
+        task_chunk=2,
+        carry_state=True,
+        **kw,
+    )
+
+
+def test_reptile_with_carried_state_starts_like_fresh_adam_and_returns_the_state_it_reached() -> None:
+    from fedmeta.algorithms.reptile import STATE_PREFIX
+    from fedmeta.functional import adapt_with_state
+
+    algo = _carrying_reptile(batched=False)
+    params = to_double(algo.init_params(torch.Generator().manual_seed(8)))
+    weights = algo.model_params(params)
+    assert set(params) - set(weights) == {f"{STATE_PREFIX}v.{k}" for k in weights} | {f"{STATE_PREFIX}weight"}
+    fresh = ALGORITHMS["reptile"](
+        algo.model, kind="classification", inner_lr=0.01, inner_steps=3, inner_optimizer=algo.inner_optimizer
+    )
+    tasks = image_tasks(3, seed=9)
+
+    update = algo.client_update(params, tasks)
+    # From zero state the weights move as with Adam's fresh state (1e-8: the conv biases before batch norm have
+    # round-off gradients, see above).
+    for k, v in fresh.client_update(weights, tasks).direction.items():
+        torch.testing.assert_close(update.direction[k], v, atol=1e-8, rtol=0)
+    # The state entries' direction is held - mean(final): an outer SGD step of 1 lands on the tasks' mean state.
+    finals = [
+        adapt_with_state(
+            algo.model, algo.loss_fn, weights, torch.cat([t.support_x, t.query_x]), torch.cat([t.support_y, t.query_y]),
+            steps=3, inner_lr=0.01, optimizer=algo.inner_optimizer, carried=algo.adaptation_state(params),
+        )[1]
+        for t in tasks
+    ]  # fmt: skip
+    for k in weights:
+        mean_v = torch.stack([f[k] for f in finals]).mean(0)
+        torch.testing.assert_close(params[f"{STATE_PREFIX}v.{k}"] - update.direction[f"{STATE_PREFIX}v.{k}"], mean_v)
+    stepped = params[f"{STATE_PREFIX}weight"] - update.direction[f"{STATE_PREFIX}weight"]
+    assert stepped.item() == pytest.approx(1 - 0.999**3, rel=1e-12)
+
+
+def test_reptile_with_carried_state_batched_equals_the_reference_in_training_and_evaluation() -> None:
+    from fedmeta.algorithms.reptile import STATE_PREFIX
+
+    params = to_double(_carrying_reptile(False).init_params(torch.Generator().manual_seed(10)))
+    # A state some tasks have built (and a negative entry, as noise may leave: read as zero).
+    params = {
+        k: (torch.rand(v.shape, generator=torch.Generator().manual_seed(11), dtype=v.dtype) * 1e-3 - 1e-4)
+        if k.startswith(f"{STATE_PREFIX}v.")
+        else v
+        for k, v in params.items()
+    }
+    params[f"{STATE_PREFIX}weight"] = torch.tensor([0.02], dtype=torch.float64)
+    tasks = image_tasks(3, seed=12)
+    batched, reference = _carrying_reptile(True), _carrying_reptile(False)
+
+    assert_updates_equal(batched.client_update(params, tasks), reference.client_update(params, tasks), atol=1e-8)
+    curves = batched.evaluate_curves(params, tasks, 3)
+    torch.testing.assert_close(
+        torch.from_numpy(curves), torch.from_numpy(reference.evaluate_curves(params, tasks, 3)), atol=1e-10, rtol=0
+    )
+    # Evaluation adapts from the carried state: with a state of large second moments the steps are tiny, so the
+    # first adapted predictions differ from fresh Adam's (whose first step is lr x sign(gradient)).
+    large = {k: torch.full_like(v, 1e3) if k.startswith(f"{STATE_PREFIX}v.") else v for k, v in params.items()}
+    task = tasks[0]
+    carried_pred = reference.predict_curve(large, task, 1)
+    fresh = ALGORITHMS["reptile"](
+        reference.model, kind="classification", inner_lr=0.01, inner_steps=3, inner_optimizer=reference.inner_optimizer
+    )
+    fresh_pred = fresh.predict_curve(reference.model_params(large), task, 1)
+    torch.testing.assert_close(carried_pred[0], fresh_pred[0])  # the same weights before any step
+    moved = lambda preds: (preds[1] - preds[0]).abs().max().item()  # noqa: E731
+    assert moved(carried_pred) < moved(fresh_pred) / 10
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"algorithm": "fomaml"}, {"outer.optimizer": "adam"}, {"inner.inner_optimizer": "sgd"}],
+    ids=["fomaml", "outer-adam", "inner-sgd"],
+)
+def test_carried_adam_state_is_refused_where_it_has_no_meaning(changes: dict[str, str]) -> None:
+    recipe = {
+        "algorithm": "reptile",
+        "inner.inner_optimizer": "adam",
+        "inner.adam_state": "carried",
+        "outer.optimizer": "sgd",
+        "outer.outer_lr": 1.0,
+    }
+    RunConfig().replace(**recipe)  # valid as it stands
+    with pytest.raises(ConfigError, match="adam_state 'carried' needs algorithm reptile"):
+        RunConfig().replace(**(recipe | changes))
