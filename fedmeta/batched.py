@@ -20,13 +20,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from fedmeta.functional import SGD, InnerLR, InnerOptimizer, StepOverrides, inner_loop, inner_states
+from fedmeta.functional import inner_loop
 from fedmeta.models import BodyHead
 from fedmeta.types import Params, Task
 
@@ -236,27 +237,17 @@ def task_metrics(kind: str, prediction: Tensor, target: Tensor) -> Tensor:
     return task_losses(kind, prediction, target)
 
 
-def adapt_trajectory(
-    model: nn.Module,
-    kind: str,
-    fast: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    adapt_keys: set[str] | None = None,
-    optimizer: InnerOptimizer = SGD,
-    overrides: StepOverrides | None = None,
-    first_order: bool = False,
-    carried: Params | None = None,
-) -> Iterator[Params]:
-    """Per-task fast weights after 0..steps steps of gradient descent on each task's (x, y).
+def adapt_states(
+    model: nn.Module, kind: str, fast: Params, x: Tensor, y: Tensor, **options: Any
+) -> Iterator[tuple[Params, Params]]:
+    """Per-task fast weights after 0..steps steps of gradient descent on each task's (x, y), each with the
+    inner optimizer's per-task state: `fedmeta.functional.inner_loop`'s keyword options (`steps`, `inner_lr`,
+    `adapt_keys`, `optimizer`, `overrides`, `first_order`, `carried`).
 
     `fast` holds per-task weights (T, ...); `inner_lr` is a float or shared per-parameter tensors (Meta-SGD),
-    broadcast over tasks. The inner gradient is that of the summed task losses: each task's own gradient.
-    Differentiable when called under an outer `torch.func.grad` (second order), plain tensors otherwise.
-    `overrides(s)` (shared tensors, expanded here) and `first_order` as in `fedmeta.functional.inner_loop`.
+    broadcast over tasks, as are `overrides(s)` (expanded here) and a `carried` optimizer state. The inner
+    gradient is that of the summed task losses: each task's own gradient. Differentiable when called under an
+    outer `torch.func.grad` (second order), plain tensors otherwise.
     """
     num_tasks = x.shape[0]
     return inner_loop(
@@ -264,60 +255,20 @@ def adapt_trajectory(
         fast,
         x,
         y,
-        steps=steps,
-        inner_lr=inner_lr,
-        adapt_keys=adapt_keys,
-        optimizer=optimizer,
-        overrides=overrides,
-        first_order=first_order,
         example_dim=1,
         expand=lambda shared: per_task(shared, num_tasks),
-        carried=carried,
+        **options,
     )
 
 
-def adapt_with_state(
-    model: nn.Module,
-    kind: str,
-    fast: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    optimizer: InnerOptimizer,
-    carried: Params | None = None,
-) -> tuple[Params, Params]:
-    """The per-task fast weights after `steps` steps and the optimizer's per-task state then, every task
-    starting from the shared state `carried` (broadcast over tasks)."""
-    *_, last = inner_states(
-        lambda p, xb, yb: task_losses(kind, batched_forward(model, p, xb), yb).sum(),
-        fast,
-        x,
-        y,
-        steps=steps,
-        inner_lr=inner_lr,
-        optimizer=optimizer,
-        example_dim=1,
-        carried=carried,
-    )
-    return last
+def adapt_trajectory(
+    model: nn.Module, kind: str, fast: Params, x: Tensor, y: Tensor, **options: Any
+) -> Iterator[Params]:
+    """Per-task fast weights after 0..steps steps (`adapt_states` without the states)."""
+    return (weights for weights, _ in adapt_states(model, kind, fast, x, y, **options))
 
 
-def adapt(
-    model: nn.Module,
-    kind: str,
-    fast: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    adapt_keys: set[str] | None = None,
-    optimizer: InnerOptimizer = SGD,
-) -> Params:
-    """The per-task fast weights after `steps` steps (the last element of `adapt_trajectory`)."""
-    *_, last = adapt_trajectory(
-        model, kind, fast, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys, optimizer=optimizer
-    )
+def adapt(model: nn.Module, kind: str, fast: Params, x: Tensor, y: Tensor, **options: Any) -> Params:
+    """The per-task fast weights after `steps` steps (the last of `adapt_trajectory`)."""
+    *_, (last, _) = adapt_states(model, kind, fast, x, y, **options)
     return last

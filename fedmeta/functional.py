@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -152,10 +153,11 @@ def inner_loop(
     example_dim: int = 0,
     expand: Callable[[Params], Params] = lambda p: p,
     carried: Params | None = None,
-) -> Iterator[Params]:
-    """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent of `loss_of(params, x, y)`.
+) -> Iterator[tuple[Params, Params]]:
+    """Yield the fast weights after 0, 1, ..., `steps` steps of gradient descent of `loss_of(params, x, y)`,
+    each with the inner optimizer's state after that step.
 
-    The one inner loop of both engines: `adapt_trajectory` below (one task) and `fedmeta.batched` (all tasks,
+    The one inner loop of both engines: `adapt_states` below (one task) and `fedmeta.batched` (all tasks,
     example axis 1, overrides expanded over tasks by `expand`). `inner_lr` is a float, a per-parameter tensor
     dict keyed like `params` (Meta-SGD), or a function of the step giving either (MAML++'s per-step rates).
     `adapt_keys` limits adaptation to those parameters (ANIL adapts only the head); the rest stay fixed.
@@ -163,43 +165,8 @@ def inner_loop(
     `overrides(s)` replaces entries in step s's forward (they must then also be applied to any forward with
     the yielded weights). `first_order`: the inner gradients are constants to an outer `grad` (MAML++'s
     derivative-order annealing); the update arithmetic, and so the rates, stay differentiable.
-    `carried`: the optimizer's state from earlier tasks (`InnerOptimizer.init`); `inner_states` also yields it.
+    `carried`: the optimizer's state from earlier tasks (`InnerOptimizer.init`; Reptile's carried Adam).
     """
-    for fast, _ in inner_states(
-        loss_of,
-        params,
-        x,
-        y,
-        steps=steps,
-        inner_lr=inner_lr,
-        adapt_keys=adapt_keys,
-        optimizer=optimizer,
-        overrides=overrides,
-        first_order=first_order,
-        example_dim=example_dim,
-        expand=expand,
-        carried=carried,
-    ):
-        yield fast
-
-
-def inner_states(
-    loss_of: Callable[[Params, Tensor, Tensor], Tensor],
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    adapt_keys: Collection[str] | None = None,
-    optimizer: InnerOptimizer = SGD,
-    overrides: StepOverrides | None = None,
-    first_order: bool = False,
-    example_dim: int = 0,
-    expand: Callable[[Params], Params] = lambda p: p,
-    carried: Params | None = None,
-) -> Iterator[tuple[Params, Params]]:
-    """`inner_loop`, yielding each step's fast weights with the optimizer's state after that step."""
     keys = list(params) if adapt_keys is None else [k for k in params if k in adapt_keys]
     fast = dict(params)
     state = optimizer.init(fast, keys, carried)
@@ -220,80 +187,25 @@ def inner_states(
         yield fast, state
 
 
+def adapt_states(
+    model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, **options: Any
+) -> Iterator[tuple[Params, Params]]:
+    """One task's fast weights after 0..steps steps on (x, y), each with the optimizer's state: `inner_loop`
+    with the model's loss, and its keyword options (`steps`, `inner_lr`, ...)."""
+    return inner_loop(lambda p, xb, yb: task_loss(model, loss_fn, p, xb, yb), params, x, y, **options)
+
+
 def adapt_trajectory(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    adapt_keys: Collection[str] | None = None,
-    optimizer: InnerOptimizer = SGD,
-    overrides: StepOverrides | None = None,
-    first_order: bool = False,
-    carried: Params | None = None,
+    model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, **options: Any
 ) -> Iterator[Params]:
-    """One task's fast weights after 0..steps steps on (x, y) (`inner_loop` with the model's loss)."""
-    return inner_loop(
-        lambda p, xb, yb: task_loss(model, loss_fn, p, xb, yb),
-        params,
-        x,
-        y,
-        steps=steps,
-        inner_lr=inner_lr,
-        adapt_keys=adapt_keys,
-        optimizer=optimizer,
-        overrides=overrides,
-        first_order=first_order,
-        carried=carried,
-    )
+    """One task's fast weights after 0..steps steps on (x, y) (`adapt_states` without the states)."""
+    return (fast for fast, _ in adapt_states(model, loss_fn, params, x, y, **options))
 
 
-def adapt(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    adapt_keys: Collection[str] | None = None,
-    optimizer: InnerOptimizer = SGD,
-) -> Params:
-    """The fast weights after `steps` steps (the last element of `adapt_trajectory`)."""
-    *_, fast = adapt_trajectory(
-        model, loss_fn, params, x, y, steps=steps, inner_lr=inner_lr, adapt_keys=adapt_keys, optimizer=optimizer
-    )
+def adapt(model: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, **options: Any) -> Params:
+    """The fast weights after `steps` steps (the last of `adapt_trajectory`)."""
+    *_, (fast, _) = adapt_states(model, loss_fn, params, x, y, **options)
     return fast
-
-
-def adapt_with_state(
-    model: nn.Module,
-    loss_fn: LossFn,
-    params: Params,
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    inner_lr: InnerLR,
-    optimizer: InnerOptimizer,
-    carried: Params | None = None,
-) -> tuple[Params, Params]:
-    """The fast weights after `steps` steps and the optimizer's state then, starting from `carried`."""
-    *_, last = inner_states(
-        lambda p, xb, yb: task_loss(model, loss_fn, p, xb, yb),
-        params,
-        x,
-        y,
-        steps=steps,
-        inner_lr=inner_lr,
-        optimizer=optimizer,
-        carried=carried,
-    )
-    return last
 
 
 def _lr(inner_lr: float | Params, key: str) -> float | Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from fedmeta import batched
 from fedmeta.algorithms.base import Algorithm, SequentialLocal
 from fedmeta.batched import TaskBatch
-from fedmeta.functional import WEIGHT, adapt, adapt_with_state, forward
+from fedmeta.functional import WEIGHT, adapt, adapt_states, forward
 from fedmeta.models import init_params
 from fedmeta.types import Params, Task
 
@@ -74,7 +74,7 @@ class Reptile(Algorithm):
         x = torch.cat([task.support_x, task.query_x])
         y = torch.cat([task.support_y, task.query_y])
         weights = self.model_params(params)
-        fast, state = adapt_with_state(
+        *_, (fast, state) = adapt_states(
             self.model,
             self.loss_fn,
             weights,
@@ -96,7 +96,7 @@ class Reptile(Algorithm):
     def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         x, y = batch.pooled()
         weights = self.model_params(params)
-        fast, state = batched.adapt_with_state(
+        *_, (fast, state) = batched.adapt_states(
             self.model,
             self.kind,
             batched.per_task(weights, len(batch)),

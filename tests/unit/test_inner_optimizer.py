@@ -168,7 +168,7 @@ def _adam_reference(model, params, tasks, steps: int, lr: float) -> list[dict[st
 
 
 def test_carried_adam_state_continues_torch_adam_across_tasks() -> None:
-    from fedmeta.functional import WEIGHT, adapt_with_state
+    from fedmeta.functional import WEIGHT, adapt_states
 
     model = SinusoidMLP(hidden=8).double()
     params = to_double(init_params(model, torch.Generator().manual_seed(4)))
@@ -178,7 +178,7 @@ def test_carried_adam_state_continues_torch_adam_across_tasks() -> None:
 
     carried = None
     for task, want in zip(tasks, expected, strict=True):
-        fast, state = adapt_with_state(
+        *_, (fast, state) = adapt_states(
             model, torch.nn.functional.mse_loss, params, task.support_x, task.support_y,
             steps=3, inner_lr=0.01, optimizer=inner, carried=carried,
         )  # fmt: skip
@@ -211,7 +211,7 @@ def _carrying_reptile(batched: bool, **kw):
 
 def test_reptile_with_carried_state_starts_like_fresh_adam_and_returns_the_state_it_reached() -> None:
     from fedmeta.algorithms.reptile import STATE_PREFIX
-    from fedmeta.functional import adapt_with_state
+    from fedmeta.functional import adapt_states
 
     algo = _carrying_reptile(batched=False)
     params = to_double(algo.init_params(torch.Generator().manual_seed(8)))
@@ -229,10 +229,10 @@ def test_reptile_with_carried_state_starts_like_fresh_adam_and_returns_the_state
         torch.testing.assert_close(update.direction[k], v, atol=1e-8, rtol=0)
     # The state entries' direction is held - mean(final): an outer SGD step of 1 lands on the tasks' mean state.
     finals = [
-        adapt_with_state(
+        list(adapt_states(
             algo.model, algo.loss_fn, weights, torch.cat([t.support_x, t.query_x]), torch.cat([t.support_y, t.query_y]),
             steps=3, inner_lr=0.01, optimizer=algo.inner_optimizer, carried=algo.adaptation_state(params),
-        )[1]
+        ))[-1][1]
         for t in tasks
     ]  # fmt: skip
     for k in weights:
