@@ -16,7 +16,8 @@ come from evaluation alphabets, which Lake training never sees (`fedmeta evaluat
 model only at the number of ways it was trained for), mean and 95% CI over tasks.
 
 Progress bars go to stderr; a run's per-round metrics (with the unseen-client learning curve) are in
-runs/bench/<algorithm>/metrics.jsonl.
+runs/bench/<algorithm>/metrics.jsonl, and a Lake-split run's curve is appended to
+benchmarks/results/omniglot_curves.jsonl (`python benchmarks/time_to_accuracy.py` draws them against the targets).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import sys
 import time
 from pathlib import Path
 
+import time_to_accuracy  # benchmarks/time_to_accuracy.py: the curves file and its figure
 import torch
 
 from fedmeta.config import EMBEDDING_ALGORITHMS, RunConfig, parse_override
@@ -89,6 +91,9 @@ def main() -> None:
         summary = simulate(config, run_dir, progress=sys.stderr.isatty())  # plain log lines into a file
         wall = time.perf_counter() - started
         print(format_summary(summary), flush=True)
+        if args.split == "lake":  # the learning curve against issue #10's targets (time_to_accuracy.py draws it)
+            with open(time_to_accuracy.CURVES, "a") as f:
+                f.write(json.dumps(time_to_accuracy.curve_row(run_dir, algorithm)) + "\n")
         evaluations = [(args.split, config.eval.eval_tasks_per_client)]
         if args.also_vinyals and args.split == "lake":
             evaluations.append(("vinyals", args.eval_tasks or 1000))  # the same model on the papers' test characters
