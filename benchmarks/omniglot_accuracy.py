@@ -92,8 +92,7 @@ def main() -> None:
         wall = time.perf_counter() - started
         print(format_summary(summary), flush=True)
         if args.split == "lake":  # the learning curve against issue #10's targets (time_to_accuracy.py draws it)
-            with open(time_to_accuracy.CURVES, "a") as f:
-                f.write(json.dumps(time_to_accuracy.curve_row(run_dir, algorithm)) + "\n")
+            time_to_accuracy.record(run_dir, algorithm)
         evaluations = [(args.split, config.eval.eval_tasks_per_client)]
         if args.also_vinyals and args.split == "lake":
             evaluations.append(("vinyals", args.eval_tasks or 1000))  # the same model on the papers' test characters

@@ -22,6 +22,8 @@ from typing import Any
 
 import matplotlib
 
+from fedmeta.report import load_run
+
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -41,17 +43,17 @@ EARLY_TARGETS = {"protonet": (10.0, 0.95)}
 ORDER = ["protonet", "mamlpp", "maml", "metasgd", "anil", "fomaml", "reptile"]
 
 
-def curve_row(run_dir: str | Path, algorithm: str, run: str | None = None) -> dict[str, Any]:
+def curve_row(run_dir: str | Path, algorithm: str, name: str | None = None) -> dict[str, Any]:
     """A finished run's learning curve and final figure, as a row of the curves file."""
     path = Path(run_dir)
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    summary = json.loads((path / "summary.json").read_text())
-    meta = [r for r in rows if r.get("phase") == "meta"]
+    run = load_run(path)  # fedmeta report's reader: one clear error for a missing or unreadable run
+    summary = run.summary
+    meta = [r for r in run.rows if r.get("phase") == "meta"]
     episode = summary["config"]["episode"]
     points = [[round(r["elapsed"] / 60, 2), round(r["unseen_accuracy"], 4)] for r in meta if "unseen_accuracy" in r]
     final = summary["results"]["meta"]["over_tasks"][-1]  # after the run's evaluation steps
     return {
-        "run": run or path.name,
+        "run": name or path.name,
         "algorithm": algorithm,
         "split": summary["config"]["data"].get("split", "lake"),
         "curve_metric": f"unseen {episode['ways']}-way {episode['shots']}-shot accuracy",
@@ -62,6 +64,12 @@ def curve_row(run_dir: str | Path, algorithm: str, run: str | None = None) -> di
         "final_5w1s_ci95": round(final["ci95"], 4) if (episode["ways"], episode["shots"]) == (5, 1) else None,
         "source": str(path),
     }
+
+
+def record(run_dir: str | Path, algorithm: str, path: Path = CURVES) -> None:
+    """Append a finished run's curve to the curves file."""
+    with open(path, "a") as f:
+        f.write(json.dumps(curve_row(run_dir, algorithm)) + "\n")
 
 
 def minutes_to(points: list[list[float]], level: float) -> float | None:
@@ -159,8 +167,7 @@ def main() -> None:
     if args.add and not args.algorithm:
         parser.error("--add needs --algorithm")
     for run_dir in args.add:
-        with open(args.curves, "a") as f:
-            f.write(json.dumps(curve_row(run_dir, args.algorithm)) + "\n")
+        record(run_dir, args.algorithm, args.curves)
     rows = load(args.curves)
     if not rows:
         parser.error(f"{args.curves}: no curves recorded yet (run benchmarks/omniglot_accuracy.py first)")
