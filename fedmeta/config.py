@@ -196,6 +196,12 @@ class EpisodeConfig:
     ways: int = option(5, "classes per task (N-way)", flag="--ways")
     shots: int = option(10, "support examples per class (K-shot; regression: support points)", flag="--shots")
     queries: int = option(10, "query examples per class (regression: query points)", flag="--queries")
+    train_ways: int | None = option(
+        None,
+        "ways of the training episodes (unset: --ways); Prototypical Networks train 60-way for 5-way tests "
+        "(arXiv:1703.05175 sec. 3.1); metric methods only, a head's outputs are fixed",
+        flag="--train-ways",
+    )
     train_shots: int | None = option(
         None,
         "shots of the training episodes (unset: --shots); Reptile trains 1-shot models on 10-shot tasks "
@@ -238,6 +244,8 @@ class EpisodeConfig:
         _positive_int("ways", self.ways)
         _positive_int("shots", self.shots)
         _positive_int("queries", self.queries)
+        if self.train_ways is not None:
+            _positive_int("train_ways", self.train_ways)
         if self.train_shots is not None:
             _positive_int("train_shots", self.train_shots)
         if self.train_queries is not None:
@@ -245,6 +253,10 @@ class EpisodeConfig:
                 isinstance(self.train_queries, int) and self.train_queries >= 0,
                 f"train_queries must be a non-negative integer, got {self.train_queries!r}",
             )
+
+    @property
+    def training_ways(self) -> int:
+        return self.ways if self.train_ways is None else self.train_ways
 
     @property
     def training_shots(self) -> int:
@@ -749,6 +761,13 @@ class RunConfig:
             _require(
                 self.algorithm == "matching",
                 f"matching.fce and matching.scale apply to algorithm 'matching', not {self.algorithm!r}",
+            )
+        if self.episode.training_ways != self.episode.ways:
+            _require(
+                self.algorithm in EMBEDDING_ALGORITHMS and not self.episode.client_tasks,
+                f"episode.train_ways {self.episode.train_ways} differs from episode.ways {self.episode.ways}: only "
+                f"the metric methods {EMBEDDING_ALGORITHMS} compare any number of classes; {self.algorithm}'s "
+                "head has a fixed number of outputs",
             )
         if self.episode.training_queries == 0:
             _require(

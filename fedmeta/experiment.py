@@ -253,7 +253,9 @@ class Experiment:
             federation.check_split(ep.support, ep.client_samples)
         else:
             federation.check_episode(ways=ep.ways, shots=ep.shots, queries=ep.queries)
-            federation.check_episode(ways=ep.ways, shots=ep.training_shots, queries=ep.training_queries)
+            federation.check_episode(
+                ways=ep.training_ways, shots=ep.training_shots, queries=ep.training_queries, train_only=True
+            )
         Outer(config, len(federation.train_clients)).check()
         return cls(config, federation, build_run_algorithm(config, federation.kind, federation.num_global_outputs))
 
@@ -330,7 +332,7 @@ class Experiment:
                     rng,
                     data_kind=self.algorithm.data_kind,
                     num_tasks=fed.tasks_per_client,
-                    ways=ep.ways,
+                    ways=ep.training_ways,
                     shots=ep.training_shots,
                     queries=ep.training_queries,
                     batch_size=self.config.eval.fedavg_batch,
@@ -395,6 +397,7 @@ def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
             "inner.inner_optimizer": "sgd",
             "inner.inner_batch": 0,
             "inner.adam_state": "task",
+            "episode.train_ways": None,
             "episode.train_shots": None,
             "episode.train_queries": None,
             "outer.optimizer": "sgd",

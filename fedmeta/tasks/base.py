@@ -66,8 +66,9 @@ class Federation:
     # A client's tasks are the same drawn alone or in any cohort; None: each client samples its own.
     cohort_episodes: CohortEpisodes | None = None
 
-    def check_episode(self, *, ways: int, shots: int, queries: int) -> None:
-        for group in (self.train_clients, self.unseen_clients):
+    def check_episode(self, *, ways: int, shots: int, queries: int, train_only: bool = False) -> None:
+        """Raise `DataError` if some client (only training clients: `train_only`) cannot supply such episodes."""
+        for group in (self.train_clients,) if train_only else (self.train_clients, self.unseen_clients):
             if isinstance(group, Population):  # alike by construction: one client answers for all
                 if len(group):
                     group[0].check_episode(ways=ways, shots=shots, queries=queries)

@@ -69,6 +69,7 @@ def _another(key: str, default: object) -> object:
         "robust.max_update_norm": 10.0,
         "federation.time_budget": 3.0,
         "data.data_dir": "/tmp/data",
+        "episode.train_ways": 5,  # = the default ways: valid for a head-based algorithm too
         "episode.train_shots": 3,
         "episode.train_queries": 4,
         "episode.client_samples": 16,

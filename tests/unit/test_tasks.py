@@ -301,3 +301,39 @@ def test_real_omniglot_has_the_published_structure(omniglot_dir: Path) -> None:
     task = fed.unseen_clients[0].sample_task(np.random.default_rng(0), ways=20, shots=1, queries=5)
     ink = float(task.support_x.mean())
     assert 0.03 < ink < 0.3, f"ink fraction {ink} is implausible for Omniglot (about 8% at 105x105)"
+
+
+def test_train_ways_shapes_training_episodes_and_evaluation_keeps_ways(tiny_omniglot: Path) -> None:
+    from fedmeta.config import ConfigError, RunConfig
+    from fedmeta.experiment import Experiment
+
+    config = RunConfig().replace(
+        **{
+            "algorithm": "protonet",
+            "data.dataset": "omniglot",
+            "data.data_dir": str(tiny_omniglot),
+            "episode.ways": 5,
+            "episode.train_ways": 8,  # Beta: 2 characters x 4 rotations, every class
+            "episode.shots": 1,
+            "episode.queries": 2,
+            "federation.clients_per_round": 2,
+            "federation.tasks_per_client": 1,
+        }
+    )
+    experiment = Experiment.from_config(config)
+    seen: list[int] = []
+    original = experiment.algorithm.cohort_update
+
+    def spy(params, tasks_by_client):
+        seen.extend(int(t.support_y.max()) + 1 for tasks in tasks_by_client for t in tasks)
+        return original(params, tasks_by_client)
+
+    experiment.algorithm.cohort_update = spy  # type: ignore[method-assign]
+    experiment.cohort_update(experiment.initial_params(), [0, 1], 0)
+    assert seen == [8, 8]
+    assert experiment.eval_kwargs()["ways"] == 5
+
+    with pytest.raises(DataError, match="has 8 classes .* cannot draw 9-way tasks"):
+        Experiment.from_config(config.replace(**{"episode.train_ways": 9}))
+    with pytest.raises(ConfigError, match="train_ways 8 differs from episode.ways 5: only the metric methods"):
+        config.replace(**{"algorithm": "maml"})
