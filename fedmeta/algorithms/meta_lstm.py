@@ -80,7 +80,9 @@ class MetaLSTM(Algorithm):
         """The learner's weights after 0..steps meta-learner steps on the support set (differentiable in the
         gates and the initial weights; the gradients and losses fed in are constants)."""
         gates = {k: v for k, v in params.items() if k.startswith(PREFIX)}
-        weights = self.model_params(params)
+        # The gates are shared by every weight tensor, so their gradient sums one term per tensor, in the order
+        # the tensors are updated: name order, not the dict's (a Flower message sorts by name, the model does not).
+        weights = dict(sorted(self.model_params(params).items()))
         i_prev = {k: torch.sigmoid(gates[PREFIX + "b_i"]).expand_as(v) for k, v in weights.items()}
         f_prev = {k: torch.sigmoid(gates[PREFIX + "b_f"]).expand_as(v) for k, v in weights.items()}
         yield weights

@@ -116,14 +116,7 @@ def test_ray_simulation_with_secagg_matches_the_plain_loop(tmp_path: Path, monke
         ["matching", "--fce", "--fce-steps", "2"],
         ["siamese"],
         ["relation"],
-        pytest.param(
-            ["metalstm"],
-            marks=pytest.mark.xfail(
-                strict=False,
-                reason="differs from the in-process loop on this stop's machine at the landed commit 3965326 too "
-                "(fresh venv, other CPU): under investigation, see the closing note of the 2026-12-01 stop",
-            ),
-        ),
+        ["metalstm"],
         ["reptile", "--inner-optimizer", "adam", "--inner-adam-state", "carried", "--outer-optimizer", "sgd"],
     ],
     ids=str,
@@ -157,9 +150,7 @@ def test_the_metric_methods_and_the_meta_lstm_through_ray_equal_the_in_process_l
     assert_same_results(summaries[0]["results"], summaries[1]["results"])
     rows = read_jsonl(tmp_path / "ray" / "metrics.jsonl")
     assert [r["round"] for r in rows if "unseen_accuracy" in r] == [1, 2]
-    # The meta-LSTM's direction norm differs in its 11th digit between a Ray worker and this process (the
-    # meta-parameters above are still bit-identical); every other row value is equal to 12 digits.
-    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"), rel=1e-9)
+    assert_same_rows(rows, read_jsonl(tmp_path / "local" / "metrics.jsonl"))
 
 
 @pytest.mark.parametrize("algorithm", ["perfedavg-hf", "fedrep"])

@@ -739,3 +739,24 @@ def test_fedrep_returns_the_body_gradient_at_a_locally_fitted_head(steps: int, e
     expected = {k: torch.zeros_like(v) if k in head else v for k, v in expected.items()}
     assert_close(direction, expected, atol=1e-10, rtol=1e-8)
     assert any(float(v.abs().max()) > 0 for k, v in direction.items() if k not in head)
+
+
+def test_meta_lstm_direction_does_not_depend_on_the_order_of_the_parameter_dict() -> None:
+    # A Flower message carries parameters sorted by name; the in-process loop keeps the model's order. The gates
+    # are shared by every weight tensor, so their gradient is a sum over the tensors: it must be summed in one
+    # order whatever the dict's, or the Ray simulation drifts from the in-process loop by an ulp per round.
+    from fedmeta.models import Conv4
+
+    algo = MetaLSTM(Conv4(3), kind="classification", inner_lr=0.1, inner_steps=2)
+    params = algo.init_params(torch.Generator().manual_seed(5))
+    generator = torch.Generator().manual_seed(6)
+    task = Task(
+        torch.rand(3, 1, 28, 28, generator=generator),
+        torch.tensor([0, 1, 2]),
+        torch.rand(6, 1, 28, 28, generator=generator),
+        torch.tensor([0, 1, 2, 2, 1, 0]),
+    )
+    reference, _ = algo.task_direction(params, task)
+    for order in (sorted(params), sorted(params, reverse=True)):
+        direction, _ = algo.task_direction({k: params[k] for k in order}, task)
+        assert all(torch.equal(direction[k], reference[k]) for k in params), order
