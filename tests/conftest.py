@@ -33,6 +33,19 @@ def to_double(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() for k, v in params.items()}
 
 
+def record_training_tasks(algorithm) -> list[Task]:
+    """Wrap `algorithm.cohort_update` so that every task the round gives it is also appended to the list returned."""
+    seen: list[Task] = []
+    original = algorithm.cohort_update
+
+    def spy(params, tasks_by_client):
+        seen.extend(task for tasks in tasks_by_client for task in tasks)
+        return original(params, tasks_by_client)
+
+    algorithm.cohort_update = spy
+    return seen
+
+
 @pytest.fixture
 def omniglot_dir() -> Path:
     if not (SHARED_DATA / "omniglot" / "images_background.zip").is_file():

@@ -10,7 +10,7 @@ from fedmeta.config import ConfigError, RunConfig
 from fedmeta.experiment import Experiment
 from fedmeta.functional import InnerOptimizer, adapt_trajectory
 from fedmeta.models import SinusoidMLP, init_params
-from tests.conftest import double_task, to_double
+from tests.conftest import double_task, record_training_tasks, to_double
 from tests.unit.test_batched import assert_updates_equal, image_tasks
 
 
@@ -132,18 +132,11 @@ def test_training_episodes_use_train_shots_and_evaluation_keeps_shots() -> None:
         }
     )
     experiment = Experiment.from_config(config)
-    seen: list[int] = []
     algorithm = experiment.algorithm
-    original = algorithm.cohort_update
-
-    def spy(params, tasks_by_client):
-        seen.extend((t.support_x.shape[0], t.query_x.shape[0]) for tasks in tasks_by_client for t in tasks)
-        return original(params, tasks_by_client)
-
-    algorithm.cohort_update = spy  # type: ignore[method-assign]
+    seen = record_training_tasks(algorithm)
     experiment.client_update(experiment.initial_params(), 0, 0)
 
-    assert seen == [(7, 0)] * config.federation.tasks_per_client
+    assert [(t.support_x.shape[0], t.query_x.shape[0]) for t in seen] == [(7, 0)] * config.federation.tasks_per_client
     assert algorithm.inner_optimizer == InnerOptimizer("adam", batch=5)
     assert experiment.eval_kwargs()["shots"] == 2
 

@@ -16,6 +16,7 @@ from fedmeta.tasks import DataError, task_rng
 from fedmeta.tasks import omniglot as om
 from fedmeta.tasks.base import counter_uniforms
 from fedmeta.tasks.sinusoid import AMPLITUDE, PHASE, sinusoid_federation
+from tests.conftest import record_training_tasks
 
 
 def test_sinusoid_tasks_are_deterministic_from_the_seed_and_respect_the_client_window() -> None:
@@ -321,16 +322,9 @@ def test_train_ways_shapes_training_episodes_and_evaluation_keeps_ways(tiny_omni
         }
     )
     experiment = Experiment.from_config(config)
-    seen: list[int] = []
-    original = experiment.algorithm.cohort_update
-
-    def spy(params, tasks_by_client):
-        seen.extend(int(t.support_y.max()) + 1 for tasks in tasks_by_client for t in tasks)
-        return original(params, tasks_by_client)
-
-    experiment.algorithm.cohort_update = spy  # type: ignore[method-assign]
+    seen = record_training_tasks(experiment.algorithm)
     experiment.cohort_update(experiment.initial_params(), [0, 1], 0)
-    assert seen == [8, 8]
+    assert [int(t.support_y.max()) + 1 for t in seen] == [8, 8]
     assert experiment.eval_kwargs()["ways"] == 5
 
     with pytest.raises(DataError, match="has 8 classes .* cannot draw 9-way tasks"):
