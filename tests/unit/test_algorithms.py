@@ -17,7 +17,7 @@ from fedmeta.algorithms.protonet import prototype_logits
 from fedmeta.algorithms.relation import RelationNet, relation_loss, relation_scores
 from fedmeta.algorithms.siamese import Siamese, class_logits, pair_logits, verification_loss
 from fedmeta.config import ConfigError, RunConfig
-from fedmeta.models import SinusoidMLP, init_params
+from fedmeta.models import Conv4, SinusoidMLP, init_params
 from fedmeta.types import Task
 from tests.conftest import double_task, to_double
 
@@ -745,8 +745,6 @@ def test_meta_lstm_direction_does_not_depend_on_the_order_of_the_parameter_dict(
     # A Flower message carries parameters sorted by name; the in-process loop keeps the model's order. The gates
     # are shared by every weight tensor, so their gradient is a sum over the tensors: it must be summed in one
     # order whatever the dict's, or the Ray simulation drifts from the in-process loop by an ulp per round.
-    from fedmeta.models import Conv4
-
     algo = MetaLSTM(Conv4(3), kind="classification", inner_lr=0.1, inner_steps=2)
     params = algo.init_params(torch.Generator().manual_seed(5))
     generator = torch.Generator().manual_seed(6)

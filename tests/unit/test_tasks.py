@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from fedmeta.config import ConfigError, RunConfig
+from fedmeta.experiment import Experiment
 from fedmeta.sampling import local_tasks, sample_clients
 from fedmeta.tasks import DataError, task_rng
 from fedmeta.tasks import omniglot as om
@@ -305,9 +307,6 @@ def test_real_omniglot_has_the_published_structure(omniglot_dir: Path) -> None:
 
 
 def test_train_ways_shapes_training_episodes_and_evaluation_keeps_ways(tiny_omniglot: Path) -> None:
-    from fedmeta.config import ConfigError, RunConfig
-    from fedmeta.experiment import Experiment
-
     config = RunConfig().replace(
         **{
             "algorithm": "protonet",
