@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-slow setup clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ demo: setup
 # pytest exits 5 when it collects no test; make treats that, like any failure, as an error.
 test: setup
 	$(BIN)/python -m pytest
+
+# The long deployments behind the `slow` marker (the README's gRPC blocks run as written, a SuperNode killed
+# mid-round, TLS with node authentication): about 20 minutes. `.ci/run` runs them after `make test`.
+test-slow: setup
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

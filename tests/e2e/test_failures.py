@@ -15,7 +15,9 @@ import pytest
 from fedmeta.metrics import read_jsonl
 from tests.processes import FEDMETA, LocalDeployment, private_homes, stop
 
-pytestmark = pytest.mark.deployment
+# About 3 minutes (a 40 s round timeout, then a restarted node rejoining): behind `slow` with the other long
+# deployments, so that `make test` stays within 12 minutes; `.ci/run` runs them after it (`make test-slow`).
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 PARTITIONS = 5  # 4 training clients + 1 unseen
 ROUNDS = 4

@@ -18,7 +18,7 @@ import pytest
 from tests.processes import private_homes
 
 # About 6 minutes each (the README run is 20 rounds + a 20-round FedAvg baseline over gRPC): behind `slow`,
-# run with `pytest -m slow`, so that the default suite stays within the CI budget.
+# run with `make test-slow` (`.ci/run` does, after `make test`), so that `make test` stays within 12 minutes.
 pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 PORTS = (9091, 9092, 9093, 9100, 9101, 9102, 9103, 9110)  # the README's fixed ports (Flower's defaults)

@@ -12,7 +12,9 @@ import pytest
 
 from tests.processes import FEDMETA, LocalDeployment, private_homes
 
-pytestmark = pytest.mark.deployment
+# About 2 minutes (certificates, five SuperNodes, a run over TLS): behind `slow` with the other long deployments,
+# so that `make test` stays within 12 minutes; `.ci/run` runs them after it (`make test-slow`).
+pytestmark = [pytest.mark.deployment, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
