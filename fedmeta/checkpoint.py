@@ -44,6 +44,7 @@ def save_checkpoint(
         "clip_norm": state.clip_norm,
         "dp_releases": list(state.dp_releases),
         "elapsed": state.elapsed,
+        "planned_rounds": state.planned_rounds,
         "run_id": state.run_id,
         "baselines": baselines or {},
     }
@@ -70,6 +71,7 @@ def load_checkpoint(path: Path | str) -> tuple[RunConfig, ServerState, dict[str,
         clip_norm=payload.get("clip_norm"),
         dp_releases=tuple(payload.get("dp_releases", ())),
         elapsed=float(payload.get("elapsed", 0.0)),
+        planned_rounds=int(payload.get("planned_rounds", 0)),
         run_id=str(payload.get("run_id", "")),
     )
     return config, state, payload["baselines"]

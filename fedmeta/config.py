@@ -359,11 +359,22 @@ class FederationConfig:
         "minutes: stop after the round that crosses this much training (the outer schedule still spans --rounds)",
         flag="--time-budget",
     )
+    fit_rounds: bool = option(
+        False,
+        "with --time-budget: time the first rounds, then spread the outer schedule over the rounds that fit the "
+        "budget (at most --rounds)",
+        flag="--fit-rounds",
+    )
 
     def __post_init__(self) -> None:
         _positive_int("rounds", self.rounds)
         if self.time_budget is not None:
             _positive_float("time_budget (minutes)", self.time_budget)
+        _require(isinstance(self.fit_rounds, bool), f"fit_rounds must be true or false, got {self.fit_rounds!r}")
+        _require(
+            not self.fit_rounds or self.time_budget is not None,
+            "federation.fit_rounds fits the rounds to federation.time_budget, which is not set",
+        )
         _positive_int("clients_per_round", self.clients_per_round)
         if self.client_fraction is not None:
             _require(

@@ -392,6 +392,7 @@ def fedavg_config(config: RunConfig, rounds: int) -> RunConfig:
             "federation.rounds": rounds,
             "federation.tasks_per_client": config.eval.fedavg_local_steps,
             "federation.time_budget": None,
+            "federation.fit_rounds": False,
             "inner.inner_lr": config.eval.fedavg_lr,
             "inner.inner_steps": 1,
             "inner.inner_optimizer": "sgd",

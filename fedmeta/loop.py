@@ -46,6 +46,13 @@ from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params
 
 log = logging.getLogger(__name__)
 
+# `federation.fit_rounds`: the rounds timed before fitting (the first, warming up, is left out of the rate), the
+# least share of the budget they must span, and the share of the remaining budget planned for: on a shared
+# machine the rounds' speed drifts by 10-25% within an hour (benchmarks/RESULTS.md, the Meta-SGD sections).
+FIT_TIMED_ROUNDS = 10
+FIT_MIN_SHARE = 0.02
+FIT_MARGIN = 0.9
+
 
 @dataclass(frozen=True)
 class FederationInfo:
@@ -165,6 +172,26 @@ def run(
     return summary
 
 
+def scheduled(config: RunConfig, state: ServerState) -> RunConfig:
+    """`config` with the rounds its outer schedule spans: the fitted ones once `fit_rounds` has fitted them."""
+    if not state.planned_rounds:
+        return config
+    return config.replace(**{"federation.rounds": state.planned_rounds})
+
+
+def fit_rounds(config: RunConfig, state: ServerState, seconds: Sequence[float]) -> int | None:
+    """The rounds that fit `config`'s time budget at the speed of the rounds timed in `seconds` (this process's,
+    the first left out), at most `federation.rounds`; None until enough rounds are timed to tell."""
+    fed = config.federation
+    budget = fed.time_budget * 60.0
+    timed = seconds[1:]
+    if len(timed) < FIT_TIMED_ROUNDS or state.elapsed < FIT_MIN_SHARE * budget:
+        return None
+    rate = sum(timed) / len(timed)
+    more = int(max(0.0, budget - state.elapsed) / rate * FIT_MARGIN)
+    return max(state.round, min(fed.rounds, state.round + more))
+
+
 def train(
     config: RunConfig,
     transport: Transport,
@@ -177,23 +204,30 @@ def train(
     progress: bool = True,
     curve: Callable[[Params], dict[str, float]] | None = None,
 ) -> ServerState:
-    """Rounds `state.round + 1 .. federation.rounds` of `config`'s run (or until its time budget is spent)."""
-    outer = Outer(config, info.num_train)
-    fed = config.federation
+    """Rounds `state.round + 1 .. federation.rounds` of `config`'s run (or until its time budget is spent).
+
+    With `federation.fit_rounds`, the rounds (and the outer schedule over them) are cut, once, to those that fit
+    the time budget at the speed of the first rounds; the fitted count is kept in the state."""
+    plan = scheduled(config, state)
+    outer = Outer(plan, info.num_train)
     every = config.eval.curve_every
     bar = tqdm(
-        range(state.round, fed.rounds),
+        total=plan.federation.rounds,
+        initial=state.round,
         desc=label,
         unit="round",
         disable=not progress,
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    for round_index in bar:
+    timed: list[float] = []
+    while state.round < plan.federation.rounds:
         if outer.over_budget(state):
             log.info("%s: time budget spent after %d rounds (%.1f min)", label, state.round, state.elapsed / 60)
             break
+        round_index = state.round
         started = time.perf_counter()
+        fed = plan.federation
         chosen = sample_clients(seed=fed.seed, round_index=round_index, num_clients=info.num_train, count=outer.sampled)
         replies = transport.train(config, state.params, round_index, chosen)
         if replies.updates is None:
@@ -215,13 +249,28 @@ def train(
             "timed_out": replies.timed_out,
             **round_metrics,
         }
-        if curve is not None and (state.round % every == 0 or state.round == fed.rounds):
+        timed.append(seconds)
+        if config.federation.fit_rounds and not state.planned_rounds:
+            planned = fit_rounds(config, state, timed)
+            if planned is not None:
+                state = replace(state, planned_rounds=planned)
+                plan = scheduled(config, state)
+                outer = Outer(plan, info.num_train)
+                bar.total = planned
+                metrics["planned_rounds"] = planned
+                log.info(
+                    "%s: %d rounds fit the %g-minute budget (%.3f s a round over rounds 2-%d): the outer schedule "
+                    "now spans them",
+                    label, planned, config.federation.time_budget, sum(timed[1:]) / len(timed[1:]), state.round,
+                )  # fmt: skip
+        if curve is not None and (state.round % every == 0 or state.round == plan.federation.rounds):
             metrics.update(curve(state.params))
         if sink is not None:
             sink.write(metrics)
         if checkpoint is not None:
             save_checkpoint(checkpoint, config=config, state=state)
         shown = {k: v for k, v in metrics.items() if k.startswith(("query_", "unseen_"))}
+        bar.update(1)
         if progress:
             bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
         else:
@@ -229,10 +278,11 @@ def train(
                 "%s round %d/%d: %d/%d replies %s (%.2f s)",
                 label,
                 state.round,
-                fed.rounds,
+                plan.federation.rounds,
                 replies.received,
                 len(chosen),
                 " ".join(f"{k}={v:.4g}" for k, v in shown.items()),
                 seconds,
             )
+    bar.close()
     return state

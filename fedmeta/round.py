@@ -35,6 +35,9 @@ class ServerState:
     dp_releases: tuple[float, ...] = ()
     # Training seconds spent so far (the clock of `federation.time_budget`; survives a resume).
     elapsed: float = 0.0
+    # The rounds the outer schedule spans when `federation.fit_rounds` fitted them to the time budget (0: not
+    # fitted, the schedule spans `federation.rounds`). Fitted once, from the first rounds' speed; kept on resume.
+    planned_rounds: int = 0
     # Names the run this state belongs to, so that a resume cannot continue another run's metrics.
     run_id: str = ""
 

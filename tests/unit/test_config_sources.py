@@ -42,6 +42,7 @@ def test_every_simulate_option_sets_its_own_field_with_the_fields_type() -> None
             "privacy": ["--dp", "central"],
             "episode.client_tasks": ["--dataset", "femnist"],
             "inner.adam_state": ["--inner-optimizer", "adam", "--outer-optimizer", "sgd"],
+            "federation.fit_rounds": ["--time-budget", "3"],
         }
         needs = needs.get(key, needs.get(key.partition(".")[0], []))
         if isinstance(field.default, bool):  # a flag turns the default around

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fedmeta import loop
 from fedmeta.checkpoint import load_checkpoint
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.server_opt import OuterOptimizer
@@ -103,3 +104,62 @@ def test_metrics_carry_elapsed_training_seconds_and_the_outer_rate(tmp_path: Pat
     assert elapsed == sorted(elapsed) and elapsed[-1] == pytest.approx(sum(r["seconds"] for r in meta))
     lr = config.outer.outer_lr
     assert [r["outer_lr"] for r in meta] == pytest.approx([lr, lr * 2 / 3, lr / 3])
+
+
+class TickingClock:
+    """`time.perf_counter` for `fedmeta.loop`, advancing `tick` seconds at every call: each round, timed by two
+    calls, takes exactly `tick` seconds."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def perf_counter(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_fit_rounds_spreads_the_schedule_over_the_rounds_that_fit_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rounds of exactly 1 s against a 100 s budget: after 11 rounds (10 timed beyond the first, 11 s >= 2% of the
+    # budget) the remaining 89 s fit 89 rounds, of which FIT_MARGIN (0.9) are planned: 11 + 80 = 91.
+    monkeypatch.setattr(loop, "time", TickingClock(1.0))
+    config = small_run(
+        **{
+            "federation.rounds": 1000,
+            "federation.time_budget": 100 / 60,
+            "federation.fit_rounds": True,
+            "outer.schedule": "linear",
+            "outer.final_lr": 0.0,
+            "eval.fedavg_rounds": 0,
+        }
+    )
+
+    summary = simulate(config, tmp_path, progress=False)
+
+    meta = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    meta = [r for r in meta if r["phase"] == "meta"]
+    assert summary["rounds"] == 91 and [r["round"] for r in meta] == list(range(1, 92))
+    assert [r["round"] for r in meta if "planned_rounds" in r] == [11] and meta[10]["planned_rounds"] == 91
+    assert meta[-1]["elapsed"] == pytest.approx(91.0)  # ended by the plan, before the budget
+    lr = config.outer.outer_lr
+    assert meta[0]["outer_lr"] == pytest.approx(lr)  # the first rounds follow the schedule over --rounds ...
+    assert meta[10]["outer_lr"] == pytest.approx(lr * (1 - 10 / 1000))
+    assert meta[11]["outer_lr"] == pytest.approx(lr * (1 - 11 / 91))  # ... then the one over the fitted rounds
+    assert meta[-1]["outer_lr"] == pytest.approx(lr / 91)  # its last step: the schedule ends with the run
+    _, state, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state.planned_rounds == 91  # kept for a resume, which has nothing left to train
+    assert simulate(config, tmp_path, progress=False, resume=True)["rounds"] == 91
+
+
+def test_fit_rounds_never_plans_past_the_rounds_asked_for_and_needs_a_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loop, "time", TickingClock(1.0))
+    config = small_run(**{"federation.rounds": 30, "federation.time_budget": 10.0, "federation.fit_rounds": True})
+
+    assert simulate(config, tmp_path, progress=False)["rounds"] == 30
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1].planned_rounds == 30
+    with pytest.raises(ConfigError, match="fit_rounds fits the rounds to federation.time_budget, which is not set"):
+        small_run(**{"federation.fit_rounds": True})
+
