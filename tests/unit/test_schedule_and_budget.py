@@ -162,4 +162,3 @@ def test_fit_rounds_never_plans_past_the_rounds_asked_for_and_needs_a_budget(
     assert load_checkpoint(tmp_path / "checkpoint.pt")[1].planned_rounds == 30
     with pytest.raises(ConfigError, match="fit_rounds fits the rounds to federation.time_budget, which is not set"):
         small_run(**{"federation.fit_rounds": True})
-
