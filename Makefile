@@ -27,7 +27,7 @@ test: setup
 	$(BIN)/python -m pytest
 
 # The long deployments behind the `slow` marker (the README's gRPC blocks run as written, a SuperNode killed
-# mid-round, TLS with node authentication): about 20 minutes. `.ci/run` runs them after `make test`.
+# mid-round, TLS with node authentication): about 25 minutes on 2 cores. `.ci/run` runs them after `make test`.
 test-slow: setup
 	$(BIN)/python -m pytest -m slow
 
