@@ -179,9 +179,10 @@ def scheduled(config: RunConfig, state: ServerState) -> RunConfig:
     return config.replace(**{"federation.rounds": state.planned_rounds})
 
 
-def fit_rounds(config: RunConfig, state: ServerState, seconds: Sequence[float]) -> int | None:
+def fit_rounds(config: RunConfig, state: ServerState, seconds: Sequence[float]) -> tuple[int, float] | None:
     """The rounds that fit `config`'s time budget at the speed of the rounds timed in `seconds` (this process's,
-    the first left out), at most `federation.rounds`; None until enough rounds are timed to tell."""
+    the first left out), at most `federation.rounds`, and that speed (seconds a round); None until enough rounds
+    are timed to tell."""
     fed = config.federation
     budget = fed.time_budget * 60.0
     timed = seconds[1:]
@@ -189,7 +190,7 @@ def fit_rounds(config: RunConfig, state: ServerState, seconds: Sequence[float]) 
         return None
     rate = sum(timed) / len(timed)
     more = int(max(0.0, budget - state.elapsed) / rate * FIT_MARGIN)
-    return max(state.round, min(fed.rounds, state.round + more))
+    return max(state.round, min(fed.rounds, state.round + more)), rate
 
 
 def train(
@@ -227,8 +228,9 @@ def train(
             break
         round_index = state.round
         started = time.perf_counter()
-        fed = plan.federation
-        chosen = sample_clients(seed=fed.seed, round_index=round_index, num_clients=info.num_train, count=outer.sampled)
+        chosen = sample_clients(
+            seed=plan.federation.seed, round_index=round_index, num_clients=info.num_train, count=outer.sampled
+        )
         replies = transport.train(config, state.params, round_index, chosen)
         if replies.updates is None:
             state, round_metrics = replace(state, round=state.round + 1), {"skipped": 1}
@@ -249,10 +251,11 @@ def train(
             "timed_out": replies.timed_out,
             **round_metrics,
         }
-        timed.append(seconds)
         if config.federation.fit_rounds and not state.planned_rounds:
-            planned = fit_rounds(config, state, timed)
-            if planned is not None:
+            timed.append(seconds)
+            fitted = fit_rounds(config, state, timed)
+            if fitted is not None:
+                planned, rate = fitted
                 state = replace(state, planned_rounds=planned)
                 plan = scheduled(config, state)
                 outer = Outer(plan, info.num_train)
@@ -261,7 +264,7 @@ def train(
                 log.info(
                     "%s: %d rounds fit the %g-minute budget (%.3f s a round over rounds 2-%d): the outer schedule "
                     "now spans them",
-                    label, planned, config.federation.time_budget, sum(timed[1:]) / len(timed[1:]), state.round,
+                    label, planned, config.federation.time_budget, rate, state.round,
                 )  # fmt: skip
         if curve is not None and (state.round % every == 0 or state.round == plan.federation.rounds):
             metrics.update(curve(state.params))
