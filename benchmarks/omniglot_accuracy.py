@@ -131,6 +131,7 @@ def _row(algorithm: str, config: RunConfig, summary: dict, result: dict, **where
         "trained_on": where["trained_on"],
         "shape": where["shape"],
         "trained": f"{config.episode.training_ways}w{config.episode.training_shots}s",
+        "conv_downsample": config.data.conv_downsample,
         "rounds": summary["rounds"],
         "clients_per_round": config.federation.clients_per_round,
         "tasks_per_client": config.federation.tasks_per_client,

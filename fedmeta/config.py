@@ -53,6 +53,7 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_STATES = ("task", "carried")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
 OMNIGLOT_SPLITS = ("lake", "vinyals")
+CONV_DOWNSAMPLING = ("stride", "maxpool")
 PRIVACY_MODES = ("off", "central", "distributed", "local")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 DEVICES = ("cpu", "cuda", "auto")
@@ -161,11 +162,23 @@ class DataConfig:
         "shakespeare: the width of each of the character LSTM's two layers (LEAF's: 256; narrower fits a CPU)",
         flag="--lstm-hidden",
     )
+    conv_downsample: str = option(
+        "stride",
+        "omniglot, femnist: how the Conv4 net halves its maps - stride-2 convolutions (MAML's Omniglot net, "
+        "256 features) or 2x2 max-pooling after each block (the ProtoNet and Matching Networks papers' net, 64 "
+        "features, about 4x the compute)",
+        flag="--conv-downsample",
+        choices=CONV_DOWNSAMPLING,
+    )
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         _positive_int("min_samples", self.min_samples)
         _positive_int("lstm_hidden", self.lstm_hidden)
+        _require(
+            self.conv_downsample in CONV_DOWNSAMPLING,
+            f"conv_downsample must be one of {CONV_DOWNSAMPLING}, got {self.conv_downsample!r}",
+        )
         _require(
             isinstance(self.femnist_variant, str) and self.femnist_variant.strip() != "",
             f"femnist_variant must be a folder name, got {self.femnist_variant!r}",

@@ -443,7 +443,12 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
         out = num_global_outputs
     else:
         out = config.episode.ways
-    model = build_model(config.data.dataset, out_features=out, lstm_hidden=config.data.lstm_hidden)
+    model = build_model(
+        config.data.dataset,
+        out_features=out,
+        downsample=config.data.conv_downsample,
+        lstm_hidden=config.data.lstm_hidden,
+    )
     c = config.compute
     compute = {
         "batched": c.batched,

@@ -14,7 +14,7 @@ from fedmeta.experiment import Outer, task_kind
 from fedmeta.inprocess import InProcess
 from fedmeta.loop import run
 from fedmeta.metrics import write_json
-from fedmeta.runtime import apply_threads
+from fedmeta.runtime import apply_threads, tune_allocator
 from fedmeta.tasks.base import Federation
 from fedmeta.tasks.omniglot import character_names
 from fedmeta.tasks.registry import build_federation
@@ -22,6 +22,7 @@ from fedmeta.tasks.registry import build_federation
 
 def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Meta-train, train the FedAvg baseline, evaluate all on unseen clients; write everything to `out_dir`."""
+    tune_allocator()  # here, not only in the CLI: benchmarks and notebooks call this function directly
     apply_threads(config)
     return run(config, InProcess(progress=progress), out_dir, resume=resume, progress=progress)
 
@@ -42,6 +43,7 @@ def evaluate_checkpoint(
             f"this {config.algorithm} model has a {head.shape[0]}-way head; evaluate it with "
             f"--ways {head.shape[0]} (only metric-based methods - protonet, matching - evaluate at any number of ways)"
         )
+    tune_allocator()
     apply_threads(config)
     transport = InProcess(progress=progress)
     experiment = transport.experiment(config)

@@ -11,6 +11,7 @@ import torch
 from fedmeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import mean_ci95, summarise
+from fedmeta.experiment import build_run_algorithm
 from fedmeta.round import init_state
 from fedmeta.server_opt import OuterOptimizer
 from simulations.cli import load_preset, main
@@ -29,11 +30,24 @@ from simulations.cli import load_preset, main
         ({"data.dataset": "mnist"}, "dataset must be one of .* got 'mnist'"),
         ({"data.drawers_per_client": 3}, "drawers_per_client must divide the 20 Omniglot drawers, got 3"),
         ({"algorithm": "protonet"}, "protonet is a classification method"),
+        ({"data.conv_downsample": "avgpool"}, "conv_downsample must be one of .* got 'avgpool'"),
     ],
 )
 def test_bad_config_values_name_the_offending_value(override: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig().replace(**override)
+
+
+@pytest.mark.parametrize("downsample, features", [("stride", 64 * 2 * 2), ("maxpool", 64)])
+def test_conv_downsample_builds_that_network(downsample: str, features: int) -> None:
+    config = RunConfig().replace(
+        **{"algorithm": "protonet", "data.dataset": "omniglot", "data.conv_downsample": downsample}
+    )
+    model = build_run_algorithm(config, "classification", None).model
+    pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    strides = {m.stride for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
+    assert (len(pools), strides) == ((4, {(1, 1)}) if downsample == "maxpool" else (0, {(2, 2)}))
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, features)
 
 
 def test_unknown_config_keys_are_errors() -> None:
