@@ -227,6 +227,12 @@ class EpisodeConfig:
         "query pooled",
         flag="--train-queries",
     )
+    augment: float = option(
+        0.0,
+        "training episodes of images only: a random affine distortion of every image (Koch et al. 2015: rotation "
+        "+-10 degrees, shear +-0.3, scale 0.8-1.2, shift +-2% of the side), the ranges times this factor; 0: off",
+        flag="--augment",
+    )
 
     client_tasks: bool = option(
         False,
@@ -253,6 +259,13 @@ class EpisodeConfig:
         _require(
             self.support < 1 or float(self.support).is_integer(),
             f"support must be a fraction below 1 or a whole count, got {self.support!r}",
+        )
+        _require(
+            isinstance(self.augment, int | float)
+            and not isinstance(self.augment, bool)
+            and math.isfinite(self.augment)
+            and 0 <= self.augment <= 2,
+            f"augment must be a factor in [0, 2], got {self.augment!r}",
         )
         _positive_int("ways", self.ways)
         _positive_int("shots", self.shots)
@@ -792,6 +805,11 @@ class RunConfig:
                 f"episode.train_ways {self.episode.train_ways} differs from episode.ways {self.episode.ways}: only "
                 f"the metric methods {EMBEDDING_ALGORITHMS} compare any number of classes; {self.algorithm}'s "
                 "head has a fixed number of outputs",
+            )
+        if self.episode.augment:
+            _require(
+                self.data.dataset in ("omniglot", "femnist"),
+                f"episode.augment distorts images: it applies to omniglot and femnist, not {self.data.dataset!r}",
             )
         if self.episode.training_queries == 0:
             _require(

@@ -30,6 +30,7 @@ from fedmeta.runtime import resolve_device
 from fedmeta.sampling import local_tasks
 from fedmeta.server_opt import OuterOptimizer
 from fedmeta.tasks import Federation, build_federation, task_rng
+from fedmeta.tasks.augment import distort_task
 from fedmeta.types import ClientRows, ClientUpdate, CohortSum, Params, Task
 
 log = logging.getLogger(__name__)
@@ -296,6 +297,13 @@ class Experiment:
             )
         else:
             client_ids, tasks_by_client = self._client_tasks(client_indices, round_index)
+        if ep.augment and self.algorithm.data_kind == "episodes":
+            # Its own stream per (round, client): the episodes drawn are those of an unaugmented run.
+            rngs = [task_rng(fed.seed, "augment", round_index, c) for c in client_indices]
+            tasks_by_client = [
+                [distort_task(task, rng, ep.augment) for task in tasks]
+                for rng, tasks in zip(rngs, tasks_by_client, strict=True)
+            ]
         directions, metrics = self.algorithm.at_round(round_index).cohort_update(params, tasks_by_client)
         rows = ClientRows(tuple(client_ids), directions, tuple(len(tasks) for tasks in tasks_by_client), metrics)
         if not client_side_protection(self.config.privacy, secure_aggregation=self.config.secagg.enabled):

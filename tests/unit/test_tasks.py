@@ -330,3 +330,36 @@ def test_train_ways_shapes_training_episodes_and_evaluation_keeps_ways(tiny_omni
         Experiment.from_config(config.replace(**{"episode.train_ways": 9}))
     with pytest.raises(ConfigError, match="train_ways 8 differs from episode.ways 5: only the metric methods"):
         config.replace(**{"algorithm": "maml"})
+
+
+def test_augment_distorts_training_episodes_only_on_their_own_stream(tiny_omniglot: Path) -> None:
+    config = RunConfig().replace(
+        **{
+            "algorithm": "protonet",
+            "data.dataset": "omniglot",
+            "data.data_dir": str(tiny_omniglot),
+            "episode.ways": 4,
+            "episode.shots": 1,
+            "episode.queries": 2,
+            "federation.clients_per_round": 2,
+            "federation.tasks_per_client": 2,
+        }
+    )
+
+    def training_tasks(augment: float) -> list:
+        experiment = Experiment.from_config(config.replace(**{"episode.augment": augment}))
+        seen = record_training_tasks(experiment.algorithm)
+        experiment.cohort_update(experiment.initial_params(), [0, 1], 3)
+        return seen
+
+    plain, distorted, again = training_tasks(0.0), training_tasks(1.0), training_tasks(1.0)
+    assert len(plain) == len(distorted) == 4
+    for p, d, a in zip(plain, distorted, again, strict=True):
+        assert torch.equal(p.support_y, d.support_y) and torch.equal(p.query_y, d.query_y)  # the same episodes
+        assert not torch.allclose(p.support_x, d.support_x) and not torch.allclose(p.query_x, d.query_x)
+        torch.testing.assert_close(d.support_x, a.support_x)  # seeded: the same on every transport
+    assert not torch.allclose(distorted[0].support_x, distorted[1].support_x)  # each task its own draws
+    with pytest.raises(ConfigError, match="episode.augment distorts images: it applies to omniglot and femnist"):
+        RunConfig().replace(**{"episode.augment": 0.5})
+    with pytest.raises(ConfigError, match=r"augment must be a factor in \[0, 2\], got -1"):
+        config.replace(**{"episode.augment": -1})
