@@ -230,7 +230,7 @@ class EpisodeConfig:
     augment: float = option(
         0.0,
         "training episodes of images only: a random affine distortion of every image (Koch et al. 2015: rotation "
-        "+-10 degrees, shear +-0.3, scale 0.8-1.2, shift +-2% of the side), the ranges times this factor; 0: off",
+        "+-10 degrees, shear +-0.3, scale 0.8-1.2, shift +-2 pixels in 105), the ranges times this factor; 0: off",
         flag="--augment",
     )
 
