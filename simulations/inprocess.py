@@ -20,10 +20,16 @@ from fedmeta.tasks.omniglot import character_names
 from fedmeta.tasks.registry import build_federation
 
 
+def _set_up_process(config: RunConfig) -> None:
+    """The engine's process settings (allocator thresholds, torch threads), set here and not only by the CLI:
+    benchmarks and notebooks call `simulate` and `evaluate_checkpoint` directly."""
+    tune_allocator()
+    apply_threads(config)
+
+
 def simulate(config: RunConfig, out_dir: Path | str, *, progress: bool = True, resume: bool = False) -> dict[str, Any]:
     """Meta-train, train the FedAvg baseline, evaluate all on unseen clients; write everything to `out_dir`."""
-    tune_allocator()  # here, not only in the CLI: benchmarks and notebooks call this function directly
-    apply_threads(config)
+    _set_up_process(config)
     return run(config, InProcess(progress=progress), out_dir, resume=resume, progress=progress)
 
 
@@ -43,8 +49,7 @@ def evaluate_checkpoint(
             f"this {config.algorithm} model has a {head.shape[0]}-way head; evaluate it with "
             f"--ways {head.shape[0]} (only metric-based methods - protonet, matching - evaluate at any number of ways)"
         )
-    tune_allocator()
-    apply_threads(config)
+    _set_up_process(config)
     transport = InProcess(progress=progress)
     experiment = transport.experiment(config)
     if config.data.split != trained.data.split:
