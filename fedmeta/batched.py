@@ -13,7 +13,10 @@ is a plain `F.batch_norm`. Linear layers are one batched matrix product. Modules
 `torch.func.vmap` over tasks, which is correct for any module, only slower.
 
 Measured on 2 CPU cores (benchmarks/RESULTS.md): this layout beat `vmap` of the whole inner loop, a per-task
-loop of convolutions inside the batch, and convolution as unfold + batched GEMM.
+loop of convolutions inside the batch, and convolution as unfold + batched GEMM. With `channels_last` the layout
+is kept in channels-last memory (n, H, W, T*C), where a network shared by all tasks also runs as a grouped
+convolution (its weights repeated over the T groups): faster for many images per task (ProtoNet's episodes),
+slower for MAML's small support sets under second-order differentiation, so the caller chooses.
 """
 
 from __future__ import annotations
@@ -96,36 +99,50 @@ def per_task(params: Params, num_tasks: int) -> Params:
 _State = tuple[str, Tensor]
 
 
-def batched_forward(model: nn.Module, params: Params, x: Tensor, *, shared: bool = False) -> Tensor:
+def batched_forward(
+    model: nn.Module, params: Params, x: Tensor, *, shared: bool = False, channels_last: bool = False
+) -> Tensor:
     """`model` applied to each task's inputs with that task's weights: x (T, n, ...) -> (T, n, out...).
 
     Every tensor in `params` has a leading task dimension T, or, with `shared=True`, none: one network for all
     tasks (ProtoNet, ANIL's body), whose convolutions then run as one ordinary convolution over all tasks'
     images (the (n, T*C, H, W) layout is (n*T, C, H, W) in memory). Use `per_task` instead where each task's
-    own gradient with respect to the weights is needed (an inner loop).
+    own gradient with respect to the weights is needed (an inner loop). `channels_last`: convolutions on
+    channels-last memory (see the module's docstring; the same function, other rounding).
     """
     num_tasks = x.shape[0]
-    layout, h = _run(model, "", params, ("tasks", x), num_tasks, shared)
+    layout, h = _run(model, "", params, ("tasks", x), _Mode(num_tasks, shared, channels_last))
     return _to_tasks((layout, h), num_tasks)
 
 
-def _run(module: nn.Module, prefix: str, params: Params, state: _State, num_tasks: int, shared: bool) -> _State:
+@dataclass(frozen=True)
+class _Mode:
+    num_tasks: int
+    shared: bool
+    channels_last: bool
+
+
+def _run(module: nn.Module, prefix: str, params: Params, state: _State, mode: _Mode) -> _State:
+    num_tasks, shared = mode.num_tasks, mode.shared
     if isinstance(module, nn.Sequential):
         for name, child in module.named_children():
-            state = _run(child, f"{prefix}{name}.", params, state, num_tasks, shared)
+            state = _run(child, f"{prefix}{name}.", params, state, mode)
         return state
     if isinstance(module, BodyHead):
-        state = _run(module.body, f"{prefix}body.", params, state, num_tasks, shared)
-        return _run(module.head, f"{prefix}head.", params, state, num_tasks, shared)
+        state = _run(module.body, f"{prefix}body.", params, state, mode)
+        return _run(module.head, f"{prefix}head.", params, state, mode)
     if isinstance(module, nn.Identity):
         return state
     if isinstance(module, nn.ReLU):
         return state[0], F.relu(state[1])
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros" and isinstance(module.padding, tuple):
-        h = _to_channels(state, num_tasks)
+        h = _to_channels(state, mode)
         weight = params[prefix + "weight"]  # (T, out, in / groups, kh, kw), or (out, ...) when shared
         bias = params.get(prefix + "bias")
-        if shared:
+        if shared and mode.channels_last:  # the same weights in every task's group
+            weight = weight.repeat(num_tasks, *[1] * (weight.dim() - 1))
+            bias = None if bias is None else bias.repeat(num_tasks)
+        elif shared:
             n = h.shape[0]
             out = F.conv2d(
                 h.reshape(n * num_tasks, -1, *h.shape[2:]),
@@ -137,10 +154,13 @@ def _run(module: nn.Module, prefix: str, params: Params, state: _State, num_task
                 groups=module.groups,
             )
             return "channels", out.reshape(n, -1, *out.shape[2:])
+        else:
+            weight = weight.reshape(-1, *weight.shape[2:])
+            bias = None if bias is None else bias.reshape(-1)
         out = F.conv2d(
             h,
-            weight.reshape(-1, *weight.shape[2:]),
-            None if bias is None else bias.reshape(-1),
+            weight,
+            bias,
             stride=module.stride,
             padding=module.padding,
             dilation=module.dilation,
@@ -149,7 +169,7 @@ def _run(module: nn.Module, prefix: str, params: Params, state: _State, num_task
         return "channels", out
     if isinstance(module, nn.BatchNorm2d) and not module.track_running_stats:
         # Statistics per (task, channel) over (n, H, W): the per-task model's training-mode batch norm.
-        h = _to_channels(state, num_tasks)
+        h = _to_channels(state, mode)
         weight, bias = params.get(prefix + "weight"), params.get(prefix + "bias")
         if shared:
             weight = None if weight is None else weight.repeat(num_tasks)
@@ -164,7 +184,7 @@ def _run(module: nn.Module, prefix: str, params: Params, state: _State, num_task
             eps=module.eps,
         )
     if isinstance(module, nn.MaxPool2d):
-        h = _to_channels(state, num_tasks)
+        h = _to_channels(state, mode)
         return "channels", F.max_pool2d(
             h, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode
         )
@@ -194,12 +214,13 @@ def _vmapped(module: nn.Module, prefix: str, params: Params, h: Tensor, shared: 
     return vmap(lambda p, x: functional_call(module, p, (x,)), in_dims=(None if shared else 0, 0))(own, h)
 
 
-def _to_channels(state: _State, num_tasks: int) -> Tensor:
+def _to_channels(state: _State, mode: _Mode) -> Tensor:
     layout, h = state
     if layout == "channels":
         return h
     # (T, n, C, H, W) -> (n, T*C, H, W)
-    return h.transpose(0, 1).reshape(h.shape[1], num_tasks * h.shape[2], *h.shape[3:])
+    h = h.transpose(0, 1).reshape(h.shape[1], mode.num_tasks * h.shape[2], *h.shape[3:])
+    return h.contiguous(memory_format=torch.channels_last) if mode.channels_last and h.dim() == 4 else h
 
 
 def _to_tasks(state: _State, num_tasks: int) -> Tensor:

@@ -78,3 +78,17 @@ def tune_allocator() -> bool:
     _tuned = ok
     log.debug("allocator thresholds %s", "raised" if ok else "unchanged")
     return ok
+
+
+def cpu_description() -> str:
+    """The CPU's model name, its core count and the vector instructions torch's kernels use here, e.g. "AMD EPYC,
+    2 cores, AVX2": benchmark rows carry it, since the same code runs several times faster on one machine than
+    another (AVX-512 or not, another tenant or none)."""
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return f"{model}, {cores} cores, {torch.backends.cpu.get_cpu_capability()}"

@@ -25,6 +25,9 @@ class MetricBased(Algorithm):
     embedding_only = True  # the model is an embedding: no classification head
     # Parameters of the comparison head (not of the embedding) start with this; None: the head has none.
     head_prefix: str | None = None
+    # Convolutions on channels-last memory (`fedmeta.batched`): measured faster for these episodes, whose
+    # tasks hold many images (benchmarks/RESULTS.md, "ProtoNet's client part on channels-last memory").
+    channels_last: bool = True
 
     # -- the method -----------------------------------------------------------------------------------------
     def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -61,12 +64,15 @@ class MetricBased(Algorithm):
         query = forward(self.model, weights, task.query_x)
         return self.scores(params, query, support, task.support_y, ways)
 
-    def _batch_scores(self, params: Params, batch: TaskBatch) -> Tensor:
-        # The same network for every task (no inner loop): shared weights, one convolution over all tasks.
+    def _batch_scores(self, params: Params, batch: TaskBatch, *, per_task: bool = False) -> Tensor:
+        # The same network for every task (no inner loop): shared weights, one convolution over all tasks; or,
+        # `per_task`, the model's weights with a leading task axis (T, ...) (`task_directions`).
         weights = self.model_params(params)
         ways = int(batch.support_y.max()) + 1
-        support = batched.batched_forward(self.model, weights, batch.support_x, shared=True)
-        query = batched.batched_forward(self.model, weights, batch.query_x, shared=True)
+        support, query = (
+            batched.batched_forward(self.model, weights, x, shared=not per_task, channels_last=self.channels_last)
+            for x in (batch.support_x, batch.query_x)
+        )
         return self.scores(params, batched.at_least_fp32(query), batched.at_least_fp32(support), batch.support_y, ways)
 
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:
@@ -90,6 +96,23 @@ class MetricBased(Algorithm):
 
         direction, (losses, logits) = grad(query_loss, has_aux=True)(params)
         return direction, self._batch_metrics(losses, logits, batch.query_y)
+
+    def task_directions(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
+        """Each task's own gradient (T, ...): the gradient of the summed query losses with respect to per-task
+        copies of the weights, so that a cohort of clients is one vectorised call. Only for methods whose
+        head has no parameters of its own (`has_task_directions`)."""
+        if self.head_prefix is not None:
+            raise NotImplementedError(f"{self.name}'s head has parameters: it has no per-task directions")
+        ways = int(batch.support_y.max()) + 1
+
+        def query_loss(p: Params) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+            scores = self._batch_scores(p, batch, per_task=True)
+            losses = self.task_loss(scores, batch.query_y, batch.support_y)
+            return losses.sum(), (losses.detach(), self.class_scores(scores.detach(), batch.support_y, ways))
+
+        copies = {k: v.expand(len(batch), *v.shape).clone() for k, v in params.items()}
+        directions, (losses, logits) = grad(query_loss, has_aux=True)(copies)
+        return directions, self._batch_metrics(losses, logits, batch.query_y)
 
     def batch_predictions(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Tensor]:
         with torch.no_grad():

@@ -26,6 +26,7 @@ def prototype_logits(support_emb: Tensor, support_y: Tensor, query_emb: Tensor, 
 
 class ProtoNet(MetricBased):
     name = "protonet"
+    has_task_directions = True  # no head parameters: a cohort of clients is one vectorised call
 
     def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
         return prototype_logits(support, support_y, query, ways)

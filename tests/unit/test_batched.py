@@ -221,3 +221,53 @@ def test_shared_weights_forward_equals_per_task_views_and_sums_their_gradients()
     g_shared, g_views = torch.func.grad(loss)(params, True), torch.func.grad(loss)(params, False)
     for k in params:
         torch.testing.assert_close(g_shared[k], g_views[k], atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_channels_last_layout_is_the_same_function_with_the_same_gradients(downsample: str, shared: bool) -> None:
+    # Shared weights then run as a grouped convolution with the weights repeated over tasks: the gradient must
+    # still be the sum over tasks, and per-task weights each task's own gradient.
+    model = Conv4(None, channels=4, downsample=downsample)
+    params = to_double(init_params(model, torch.Generator().manual_seed(14)))
+    x = torch.rand(3, 5, 1, 28, 28, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    weights = params if shared else {k: v.expand(3, *v.shape).clone() for k, v in params.items()}
+
+    def loss(p: dict, channels_last: bool) -> torch.Tensor:
+        out = batched_forward(model, p, x, shared=shared, channels_last=channels_last)
+        return (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).pow(2).sum()
+
+    torch.testing.assert_close(
+        batched_forward(model, weights, x, shared=shared, channels_last=True),
+        batched_forward(model, weights, x, shared=shared),
+        atol=1e-12,
+        rtol=1e-12,
+    )
+    plain, last = torch.func.grad(loss)(weights, False), torch.func.grad(loss)(weights, True)
+    for k in weights:
+        assert last[k].shape == weights[k].shape
+        torch.testing.assert_close(last[k], plain[k], atol=1e-10, rtol=1e-10, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_protonet_cohort_rows_are_each_clients_own_gradient() -> None:
+    # ProtoNet's per-task directions (a cohort of clients in one channels-last call) against the per-task
+    # reference, client by client, in float64; and its chunks of whole clients give the same rows.
+    model = conv_model("protonet", downsample="maxpool")
+    reference = build("protonet", model, kind="classification", batched=False)
+    params = to_double(reference.init_params(torch.Generator().manual_seed(16)))
+    clients = [image_tasks(2, seed=s) for s in range(4)]
+    algo = build("protonet", model, kind="classification", batched=True)
+    assert algo.has_task_directions
+
+    rows, metrics = algo.cohort_update(params, clients)
+    chunked, _ = build("protonet", model, kind="classification", batched=True, task_chunk=2).cohort_update(
+        params, clients
+    )
+
+    for i, tasks in enumerate(clients):
+        expected = reference.client_update(params, tasks)
+        for k in params:
+            torch.testing.assert_close(rows[k][i], expected.direction[k], atol=1e-10, rtol=1e-10)
+            torch.testing.assert_close(chunked[k][i], expected.direction[k], atol=1e-10, rtol=1e-10)
+        assert metrics["query_loss"][i] == pytest.approx(expected.metrics["query_loss"], abs=1e-10)
+        assert metrics["query_accuracy"][i] == pytest.approx(expected.metrics["query_accuracy"], abs=1e-10)
