@@ -233,6 +233,12 @@ class EpisodeConfig:
         "+-10 degrees, shear +-0.3, scale 0.8-1.2, shift +-2 pixels in 105), the ranges times this factor; 0: off",
         flag="--augment",
     )
+    joint_embedding: bool = option(
+        False,
+        "metric methods: embed a task's support and query images in one forward pass, so that batch norm "
+        "normalises both with one set of statistics (the Prototypical Networks reference code's encoder call)",
+        flag="--joint-embedding",
+    )
 
     client_tasks: bool = option(
         False,
@@ -253,6 +259,10 @@ class EpisodeConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.client_tasks, bool), f"client_tasks must be true or false, got {self.client_tasks!r}")
+        _require(
+            isinstance(self.joint_embedding, bool),
+            f"joint_embedding must be true or false, got {self.joint_embedding!r}",
+        )
         _positive_float("support", self.support)
         if self.client_samples is not None:
             _positive_int("client_samples", self.client_samples)
@@ -805,6 +815,11 @@ class RunConfig:
                 f"episode.train_ways {self.episode.train_ways} differs from episode.ways {self.episode.ways}: only "
                 f"the metric methods {EMBEDDING_ALGORITHMS} compare any number of classes; {self.algorithm}'s "
                 "head has a fixed number of outputs",
+            )
+        if self.episode.joint_embedding:
+            _require(
+                self.algorithm in EMBEDDING_ALGORITHMS,
+                f"episode.joint_embedding applies to the metric methods {EMBEDDING_ALGORITHMS}, not {self.algorithm}",
             )
         if self.episode.augment:
             _require(

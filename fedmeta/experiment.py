@@ -478,6 +478,8 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
         compute["carry_state"] = config.inner.adam_state == "carried"
     if name.startswith("perfedavg"):
         compute["local_lr"] = config.perfedavg.local_lr
+    if config.episode.joint_embedding:
+        compute["joint_embedding"] = True
     if name == "matching" and config.matching.fce:
         compute["fce_steps"] = config.matching.fce_steps
     if name == "matching":

@@ -8,7 +8,9 @@ None has an inner loop: the model embeds the support and query sets, a method-sp
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +30,13 @@ class MetricBased(Algorithm):
     # Convolutions on channels-last memory (`fedmeta.batched`): measured faster for these episodes, whose
     # tasks hold many images (benchmarks/RESULTS.md, "ProtoNet's client part on channels-last memory").
     channels_last: bool = True
+
+    def __init__(self, *args: Any, joint_embedding: bool = False, **kwargs: Any) -> None:
+        """`joint_embedding`: embed a task's support and query images in one forward pass, so that batch norm
+        normalises both with one set of statistics (the ProtoNet reference code encodes the concatenated
+        episode); otherwise each set is embedded with its own statistics."""
+        super().__init__(*args, **kwargs)
+        self.joint_embedding = joint_embedding
 
     # -- the method -----------------------------------------------------------------------------------------
     def scores(self, params: Params, query: Tensor, support: Tensor, support_y: Tensor, ways: int) -> Tensor:
@@ -57,11 +66,16 @@ class MetricBased(Algorithm):
             return params
         return {k: v for k, v in params.items() if not k.startswith(self.head_prefix)}
 
+    def _embed(self, embed: Callable[[Tensor], Tensor], support_x: Tensor, query_x: Tensor, dim: int) -> list[Tensor]:
+        """Support and query embeddings (`embed` over the example axis `dim`): jointly or one set at a time."""
+        if not self.joint_embedding:
+            return [embed(support_x), embed(query_x)]
+        return list(embed(torch.cat([support_x, query_x], dim)).split([support_x.shape[dim], query_x.shape[dim]], dim))
+
     def _task_scores(self, params: Params, task: Task) -> Tensor:
         weights = self.model_params(params)
         ways = int(task.support_y.max()) + 1
-        support = forward(self.model, weights, task.support_x)
-        query = forward(self.model, weights, task.query_x)
+        support, query = self._embed(partial(forward, self.model, weights), task.support_x, task.query_x, 0)
         return self.scores(params, query, support, task.support_y, ways)
 
     def _batch_scores(self, params: Params, batch: TaskBatch, *, per_task: bool = False) -> Tensor:
@@ -69,10 +83,10 @@ class MetricBased(Algorithm):
         # `per_task`, the model's weights with a leading task axis (T, ...) (`task_directions`).
         weights = self.model_params(params)
         ways = int(batch.support_y.max()) + 1
-        support, query = (
-            batched.batched_forward(self.model, weights, x, shared=not per_task, channels_last=self.channels_last)
-            for x in (batch.support_x, batch.query_x)
+        embed = partial(
+            batched.batched_forward, self.model, weights, shared=not per_task, channels_last=self.channels_last
         )
+        support, query = self._embed(embed, batch.support_x, batch.query_x, 1)
         return self.scores(params, batched.at_least_fp32(query), batched.at_least_fp32(support), batch.support_y, ways)
 
     def task_direction(self, params: Params, task: Task) -> tuple[Params, dict[str, float]]:

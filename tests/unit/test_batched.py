@@ -271,3 +271,29 @@ def test_protonet_cohort_rows_are_each_clients_own_gradient() -> None:
             torch.testing.assert_close(chunked[k][i], expected.direction[k], atol=1e-10, rtol=1e-10)
         assert metrics["query_loss"][i] == pytest.approx(expected.metrics["query_loss"], abs=1e-10)
         assert metrics["query_accuracy"][i] == pytest.approx(expected.metrics["query_accuracy"], abs=1e-10)
+
+
+@pytest.mark.parametrize("name", ["protonet", "matching", "siamese", "relation"])
+def test_joint_embedding_normalises_support_and_query_with_one_set_of_statistics(name: str) -> None:
+    model = conv_model(name)
+    joint = build(name, model, kind="classification", batched=False, joint_embedding=True)
+    params = to_double(joint.init_params(torch.Generator().manual_seed(17)))
+    task = image_tasks(1, seed=17)[0]
+
+    both = torch.func.functional_call(model, joint.model_params(params), (torch.cat([task.support_x, task.query_x]),))
+    support, query = both[: len(task.support_x)], both[len(task.support_x) :]
+    expected = joint.scores(params, query, support, task.support_y, WAYS)
+    apart = build(name, model, kind="classification", batched=False)._task_scores(params, task)
+
+    torch.testing.assert_close(joint._task_scores(params, task), expected, atol=1e-12, rtol=1e-12)
+    assert not torch.allclose(apart, expected), "support and query were normalised apart all the same"
+    # The batched engine and a cohort's per-task directions compute the same function.
+    tasks = image_tasks(3, seed=18)
+    fast = build(name, model, kind="classification", batched=True, joint_embedding=True)
+    assert_updates_equal(fast.client_update(params, tasks), joint.client_update(params, tasks))
+    if fast.has_task_directions:
+        rows, _ = fast.cohort_update(params, [tasks[:1], tasks[1:2]])
+        for i in range(2):
+            expected_row = joint.client_update(params, tasks[i : i + 1]).direction
+            for k in params:
+                torch.testing.assert_close(rows[k][i], expected_row[k], atol=1e-10, rtol=1e-10)

@@ -41,6 +41,7 @@ def test_every_simulate_option_sets_its_own_field_with_the_fields_type() -> None
             "perfedavg": ["--algorithm", "perfedavg"],
             "privacy": ["--dp", "central"],
             "episode.client_tasks": ["--dataset", "femnist"],
+            "episode.joint_embedding": ["--algorithm", "protonet", "--dataset", "omniglot"],
             "inner.adam_state": ["--inner-optimizer", "adam", "--outer-optimizer", "sgd"],
             "federation.fit_rounds": ["--time-budget", "3"],
         }

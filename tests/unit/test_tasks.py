@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fedmeta.config import ConfigError, RunConfig
-from fedmeta.experiment import Experiment
+from fedmeta.experiment import Experiment, build_run_algorithm
 from fedmeta.sampling import local_tasks, sample_clients
 from fedmeta.tasks import DataError, task_rng
 from fedmeta.tasks import omniglot as om
@@ -363,3 +363,15 @@ def test_augment_distorts_training_episodes_only_on_their_own_stream(tiny_omnigl
         RunConfig().replace(**{"episode.augment": 0.5})
     with pytest.raises(ConfigError, match=r"augment must be a factor in \[0, 2\], got -1"):
         config.replace(**{"episode.augment": -1})
+
+
+def test_joint_embedding_reaches_the_algorithm_and_is_refused_where_it_means_nothing() -> None:
+    config = RunConfig().replace(**{"algorithm": "protonet", "data.dataset": "omniglot"})
+    assert build_run_algorithm(
+        config.replace(**{"episode.joint_embedding": True}), "classification", None
+    ).joint_embedding
+    assert not build_run_algorithm(config, "classification", None).joint_embedding
+    with pytest.raises(ConfigError, match="episode.joint_embedding applies to the metric methods"):
+        RunConfig().replace(**{"algorithm": "maml", "episode.joint_embedding": True})
+    with pytest.raises(ConfigError, match="joint_embedding must be true or false, got 'yes'"):
+        config.replace(**{"episode.joint_embedding": "yes"})
