@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from fedmeta.config import EMBEDDING_ALGORITHMS, RunConfig, parse_override
 from fedmeta.evaluation import format_summary
+from fedmeta.runtime import cpu_description
 from simulations.cli import load_preset
 from simulations.inprocess import evaluate_checkpoint, simulate
 
@@ -132,6 +132,8 @@ def _row(algorithm: str, config: RunConfig, summary: dict, result: dict, **where
         "shape": where["shape"],
         "trained": f"{config.episode.training_ways}w{config.episode.training_shots}s",
         "conv_downsample": config.data.conv_downsample,
+        "augment": config.episode.augment,
+        "joint_embedding": config.episode.joint_embedding,
         "rounds": summary["rounds"],
         "clients_per_round": config.federation.clients_per_round,
         "tasks_per_client": config.federation.tasks_per_client,
@@ -142,7 +144,7 @@ def _row(algorithm: str, config: RunConfig, summary: dict, result: dict, **where
         "tasks_per_unseen_client": result["config"]["eval"]["eval_tasks_per_client"],
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_description(),
         "cores": os.cpu_count(),
     }
 
