@@ -45,6 +45,11 @@ def choose_threads(config: RunConfig, *, one_client_per_process: bool = False) -
         return config.compute.threads
     if one_client_per_process or config.data.dataset == "sinusoid":
         return 1
+    return usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
@@ -90,5 +95,4 @@ def cpu_description() -> str:
             model = next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), model)
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return f"{model}, {cores} cores, {torch.backends.cpu.get_cpu_capability()}"
+    return f"{model}, {usable_cores()} cores, {torch.backends.cpu.get_cpu_capability()}"

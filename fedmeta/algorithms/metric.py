@@ -124,7 +124,7 @@ class MetricBased(Algorithm):
             losses = self.task_loss(scores, batch.query_y, batch.support_y)
             return losses.sum(), (losses.detach(), self.class_scores(scores.detach(), batch.support_y, ways))
 
-        copies = {k: v.expand(len(batch), *v.shape).clone() for k, v in params.items()}
+        copies = {k: v.clone() for k, v in batched.per_task(params, len(batch)).items()}
         directions, (losses, logits) = grad(query_loss, has_aux=True)(copies)
         return directions, self._batch_metrics(losses, logits, batch.query_y)
 
