@@ -11,8 +11,14 @@ folded into one effective multiplier (`update_noise_multiplier`).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-from dp_accounting import NeighboringRelation, dp_event, rdp
+if TYPE_CHECKING:
+    from dp_accounting import dp_event
+
+# dp-accounting is imported where epsilon is computed, not here: it pulls in scipy (about 2 s), and every
+# deployed ClientApp - one fresh process per message in a Flower deployment - imports this package but never
+# computes an epsilon.
 
 REPLACE_ONE_SENSITIVITY = 2.0  # in units of the clip norm C
 
@@ -21,6 +27,8 @@ def round_event(*, noise_multiplier: float, sample_size: int, population: int) -
     """One round's release as a dp-accounting event (`noise_multiplier` = std / sensitivity)."""
     if not 0 < sample_size <= population:
         raise ValueError(f"cannot sample {sample_size} of {population} clients")
+    from dp_accounting import dp_event
+
     gaussian = dp_event.GaussianDpEvent(noise_multiplier)
     if sample_size == population:
         return gaussian  # everyone takes part: no amplification by sampling
@@ -42,6 +50,8 @@ def epsilon_of_releases(noise_multipliers: list[float], *, sample_size: int, pop
         return 0.0
     if min(noise_multipliers) <= 0:
         return math.inf
+    from dp_accounting import NeighboringRelation, rdp
+
     accountant = rdp.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
     for z in sorted(set(noise_multipliers)):
         event = round_event(

@@ -420,3 +420,14 @@ def test_the_simulation_grid_is_polled_for_replies_every_10_ms_not_every_100() -
     other = InProcessGrid(client_app, num_partitions=1)
     GridTransport(other, ServerOptions(out_dir="unused"))
     assert not hasattr(other, "pull_interval")
+
+
+def test_the_client_app_module_imports_no_privacy_accountant() -> None:
+    # A deployed SuperNode starts a fresh `flwr-clientapp` process for every message, which imports this module:
+    # dp-accounting (and the scipy under it, about 2 s) is for the server's epsilon only.
+    import subprocess
+    import sys
+
+    code = "import sys, client.client_app; print(sorted({'dp_accounting', 'scipy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
