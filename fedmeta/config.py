@@ -398,7 +398,7 @@ class FederationConfig:
     fit_rounds: bool = option(
         False,
         "with --time-budget: time the first rounds, then spread the outer schedule over the rounds that fit the "
-        "budget (at most --rounds)",
+        "budget (at most --rounds); fitted again at the pace since, at each tenth of the budget up to half",
         flag="--fit-rounds",
     )
 

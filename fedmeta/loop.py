@@ -52,6 +52,13 @@ log = logging.getLogger(__name__)
 FIT_TIMED_ROUNDS = 10
 FIT_MIN_SHARE = 0.02
 FIT_MARGIN = 0.9
+# After the first fit the plan is revisited as the training crosses these shares of the budget, at the pace of
+# the rounds since the last fit, and changed when the rounds that fit differ by more than REFIT_CHANGE: a slow
+# spell in the first rounds (another job beside them) otherwise leaves a third of the budget unspent
+# (benchmarks/RESULTS.md, "ProtoNet with `--augment 0.5` past the plateau"). Not past half the budget, so that
+# the schedule's annealed end is never moved.
+REFIT_SHARES = (0.1, 0.2, 0.3, 0.4, 0.5)
+REFIT_CHANGE = 0.05
 
 
 @dataclass(frozen=True)
@@ -179,13 +186,11 @@ def scheduled(config: RunConfig, state: ServerState) -> RunConfig:
     return config.replace(**{"federation.rounds": state.planned_rounds})
 
 
-def fit_rounds(config: RunConfig, state: ServerState, seconds: Sequence[float]) -> tuple[int, float] | None:
-    """The rounds that fit `config`'s time budget at the speed of the rounds timed in `seconds` (this process's,
-    the first left out), at most `federation.rounds`, and that speed (seconds a round); None until enough rounds
-    are timed to tell."""
+def fit_rounds(config: RunConfig, state: ServerState, timed: Sequence[float]) -> tuple[int, float] | None:
+    """The rounds that fit `config`'s time budget at the speed of the rounds timed in `timed`, at most
+    `federation.rounds`, and that speed (seconds a round); None until enough rounds are timed to tell."""
     fed = config.federation
     budget = fed.time_budget * 60.0
-    timed = seconds[1:]
     if len(timed) < FIT_TIMED_ROUNDS or state.elapsed < FIT_MIN_SHARE * budget:
         return None
     rate = sum(timed) / len(timed)
@@ -207,8 +212,9 @@ def train(
 ) -> ServerState:
     """Rounds `state.round + 1 .. federation.rounds` of `config`'s run (or until its time budget is spent).
 
-    With `federation.fit_rounds`, the rounds (and the outer schedule over them) are cut, once, to those that fit
-    the time budget at the speed of the first rounds; the fitted count is kept in the state."""
+    With `federation.fit_rounds`, the rounds (and the outer schedule over them) are cut to those that fit the time
+    budget at the speed of the first rounds, and fitted again at the pace since (`REFIT_SHARES`) until half the
+    budget is spent; the fitted count is kept in the state."""
     plan = scheduled(config, state)
     outer = Outer(plan, info.num_train)
     every = config.eval.curve_every
@@ -221,7 +227,10 @@ def train(
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    timed: list[float] = []
+    timed: list[float] = []  # this process's rounds since the last fit (the very first, warming up, left out)
+    budget = (config.federation.time_budget or 0.0) * 60.0
+    refits = [share * budget for share in REFIT_SHARES if share * budget > state.elapsed]
+    warm = True
     while state.round < plan.federation.rounds:
         if outer.over_budget(state):
             log.info("%s: time budget spent after %d rounds (%.1f min)", label, state.round, state.elapsed / 60)
@@ -251,21 +260,30 @@ def train(
             "timed_out": replies.timed_out,
             **round_metrics,
         }
-        if config.federation.fit_rounds and not state.planned_rounds:
-            timed.append(seconds)
-            fitted = fit_rounds(config, state, timed)
+        if config.federation.fit_rounds:
+            if warm:
+                warm = False  # this process's first round warms up: not timed
+            else:
+                timed.append(seconds)
+            due = not state.planned_rounds or (refits and state.elapsed >= refits[0])
+            fitted = fit_rounds(config, state, timed) if due else None
             if fitted is not None:
                 planned, rate = fitted
-                state = replace(state, planned_rounds=planned)
-                plan = scheduled(config, state)
-                outer = Outer(plan, info.num_train)
-                bar.total = planned
-                metrics["planned_rounds"] = planned
-                log.info(
-                    "%s: %d rounds fit the %g-minute budget (%.3f s a round over rounds 2-%d): the outer schedule "
-                    "now spans them",
-                    label, planned, config.federation.time_budget, rate, state.round,
-                )  # fmt: skip
+                refits = [mark for mark in refits if mark > state.elapsed]
+                first = not state.planned_rounds
+                if first or abs(planned - state.planned_rounds) > REFIT_CHANGE * state.planned_rounds:
+                    state = replace(state, planned_rounds=planned)
+                    plan = scheduled(config, state)
+                    outer = Outer(plan, info.num_train)
+                    bar.total = planned
+                    metrics["planned_rounds"] = planned
+                    log.info(
+                        "%s: %d rounds fit the %g-minute budget (%.3f s a round over rounds %d-%d): the outer "
+                        "schedule %s spans them",
+                        label, planned, config.federation.time_budget, rate, state.round - len(timed) + 1,
+                        state.round, "now" if first else "from here on",
+                    )  # fmt: skip
+                timed = []
         if curve is not None and (state.round % every == 0 or state.round == plan.federation.rounds):
             metrics.update(curve(state.params))
         if sink is not None:

@@ -152,6 +152,50 @@ def test_fit_rounds_spreads_the_schedule_over_the_rounds_that_fit_the_budget(
     assert simulate(config, tmp_path, progress=False, resume=True)["rounds"] == 91
 
 
+class SlowStartClock(TickingClock):
+    """Rounds of `slow` seconds for the first `slow_rounds` rounds (another job beside them), then of 1 s. The
+    run reads the clock once before its first round (its own start), then twice a round."""
+
+    def __init__(self, slow: float, slow_rounds: int) -> None:
+        super().__init__(slow)
+        self.calls, self.slow_calls = 0, 1 + 2 * slow_rounds
+
+    def perf_counter(self) -> float:
+        self.calls += 1
+        self.tick = self.tick if self.calls <= self.slow_calls else 1.0
+        return super().perf_counter()
+
+
+def test_fit_rounds_fits_again_when_the_first_rounds_were_slow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 100 s budget; the first 11 rounds take 2 s, then 1 s. The first fit (round 11, 22 s spent) plans
+    # 11 + int(78 / 2 * 0.9) = 46 rounds, which would end at 57 s. Past the 30% mark, once 10 rounds are timed
+    # since (round 21, 32 s), 1 s rounds fit 21 + int(68 * 0.9) = 82; the looks at 40% and 50% find 83 and 84,
+    # within REFIT_CHANGE of 82, so the plan holds.
+    monkeypatch.setattr(loop, "time", SlowStartClock(2.0, 11))
+    config = small_run(
+        **{
+            "federation.rounds": 1000,
+            "federation.time_budget": 100 / 60,
+            "federation.fit_rounds": True,
+            "outer.schedule": "linear",
+            "outer.final_lr": 0.0,
+            "eval.fedavg_rounds": 0,
+        }
+    )
+
+    summary = simulate(config, tmp_path, progress=False)
+
+    meta = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    meta = [r for r in meta if r["phase"] == "meta"]
+    assert [(r["round"], r["planned_rounds"]) for r in meta if "planned_rounds" in r] == [(11, 46), (21, 82)]
+    assert summary["rounds"] == 82 and meta[-1]["elapsed"] == pytest.approx(22.0 + 71.0)
+    lr = config.outer.outer_lr
+    assert meta[20]["outer_lr"] == pytest.approx(lr * (1 - 20 / 46))  # the first fit's schedule ...
+    assert meta[21]["outer_lr"] == pytest.approx(lr * (1 - 21 / 82))  # ... then the one over the refitted rounds
+    assert meta[-1]["outer_lr"] == pytest.approx(lr / 82)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1].planned_rounds == 82
+
+
 def test_fit_rounds_never_plans_past_the_rounds_asked_for_and_needs_a_budget(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
