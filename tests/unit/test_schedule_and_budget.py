@@ -118,12 +118,9 @@ class TickingClock:
         return self.now
 
 
-def test_fit_rounds_spreads_the_schedule_over_the_rounds_that_fit_the_budget(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Rounds of exactly 1 s against a 100 s budget: after 11 rounds (10 timed beyond the first, 11 s >= 2% of the
-    # budget) the remaining 89 s fit 89 rounds, of which FIT_MARGIN (0.9) are planned: 11 + 80 = 91.
-    monkeypatch.setattr(loop, "time", TickingClock(1.0))
+def fitted_run(out: Path) -> tuple[RunConfig, dict, list[dict]]:
+    """A run of at most 1,000 rounds, fitted to a 100 s budget, on a linear schedule to 0: its config, summary and
+    meta rows."""
     config = small_run(
         **{
             "federation.rounds": 1000,
@@ -134,11 +131,18 @@ def test_fit_rounds_spreads_the_schedule_over_the_rounds_that_fit_the_budget(
             "eval.fedavg_rounds": 0,
         }
     )
+    summary = simulate(config, out, progress=False)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return config, summary, [r for r in rows if r["phase"] == "meta"]
 
-    summary = simulate(config, tmp_path, progress=False)
 
-    meta = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    meta = [r for r in meta if r["phase"] == "meta"]
+def test_fit_rounds_spreads_the_schedule_over_the_rounds_that_fit_the_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Rounds of exactly 1 s against a 100 s budget: after 11 rounds (10 timed beyond the first, 11 s >= 2% of the
+    # budget) the remaining 89 s fit 89 rounds, of which FIT_MARGIN (0.9) are planned: 11 + 80 = 91.
+    monkeypatch.setattr(loop, "time", TickingClock(1.0))
+    config, summary, meta = fitted_run(tmp_path)
     assert summary["rounds"] == 91 and [r["round"] for r in meta] == list(range(1, 92))
     assert [r["round"] for r in meta if "planned_rounds" in r] == [11] and meta[10]["planned_rounds"] == 91
     assert meta[-1]["elapsed"] == pytest.approx(91.0)  # ended by the plan, before the budget
@@ -172,21 +176,7 @@ def test_fit_rounds_fits_again_when_the_first_rounds_were_slow(tmp_path: Path, m
     # since (round 21, 32 s), 1 s rounds fit 21 + int(68 * 0.9) = 82; the looks at 40% and 50% find 83 and 84,
     # within REFIT_CHANGE of 82, so the plan holds.
     monkeypatch.setattr(loop, "time", SlowStartClock(2.0, 11))
-    config = small_run(
-        **{
-            "federation.rounds": 1000,
-            "federation.time_budget": 100 / 60,
-            "federation.fit_rounds": True,
-            "outer.schedule": "linear",
-            "outer.final_lr": 0.0,
-            "eval.fedavg_rounds": 0,
-        }
-    )
-
-    summary = simulate(config, tmp_path, progress=False)
-
-    meta = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    meta = [r for r in meta if r["phase"] == "meta"]
+    config, summary, meta = fitted_run(tmp_path)
     assert [(r["round"], r["planned_rounds"]) for r in meta if "planned_rounds" in r] == [(11, 46), (21, 82)]
     assert summary["rounds"] == 82 and meta[-1]["elapsed"] == pytest.approx(22.0 + 71.0)
     lr = config.outer.outer_lr
