@@ -146,7 +146,9 @@ def figure(rows: list[dict[str, Any]], out: Path) -> Path:
         ax.set_title(algorithm)
         ax.set_xlabel("training minutes (2 CPU cores)")
         ax.set_ylabel("unseen alphabets, accuracy (%)")
-        ax.legend(fontsize="x-small", loc="lower right")
+        entries = len(ax.get_legend_handles_labels()[1])
+        # A panel of many runs (ProtoNet's) takes its legend in two columns, so that it leaves the curves visible.
+        ax.legend(fontsize="xx-small" if entries > 8 else "x-small", loc="lower right", ncol=2 if entries > 8 else 1)
     for ax in list(axes.flat)[len(algorithms) :]:
         ax.set_visible(False)
     fig.suptitle("Omniglot, unseen alphabets: learning curves (lines) and final 5-way 1-shot (squares, 95% CI)")
