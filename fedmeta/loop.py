@@ -1,9 +1,9 @@
 """The federated meta-learning run, written once for every transport.
 
 `run` starts or resumes, then per round: sample clients -> the transport trains them -> outer step -> metrics
--> checkpoint -> (every `eval.curve_every` rounds) the unseen-client learning curve; then the FedAvg baseline
-as a run of its own algorithm through the same rounds and transport, and the final personalised evaluation
-of every model, written to `summary.json`.
+-> (every `eval.curve_every` rounds) the unseen-client learning curve -> checkpoint (every few seconds,
+`fedmeta.checkpoint.Checkpointer`); then the FedAvg baseline as a run of its own algorithm through the same
+rounds and transport, and the final personalised evaluation of every model, written to `summary.json`.
 
 A transport only moves work to clients and results back (`Transport`): the in-process one calls the client
 part directly (`fedmeta.inprocess`), the Flower one sends messages over a Grid (`server/grid_transport.py`,
@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from fedmeta.algorithms import BASELINES
-from fedmeta.checkpoint import save_checkpoint, start_or_resume
+from fedmeta.checkpoint import Checkpointer, save_checkpoint, start_or_resume
 from fedmeta.config import ConfigError, RunConfig
 from fedmeta.evaluation import make_summary, summarise
 from fedmeta.experiment import (
@@ -106,8 +106,8 @@ def run(
 ) -> dict[str, Any]:
     """Meta-train, train the FedAvg baseline, evaluate every model on unseen clients; write all to `out_dir`.
 
-    `resume`: continue from `out_dir`'s checkpoint (written after every round) with the same config; the
-    result is bit-identical to an uninterrupted run.
+    `resume`: continue from `out_dir`'s checkpoint (written every few seconds, `Checkpointer`) with the
+    same config; the result is bit-identical to an uninterrupted run.
     """
     if config.algorithm in BASELINES:
         raise ConfigError(f"{config.algorithm} is a baseline, trained beside every run (eval.fedavg_rounds)")
@@ -214,7 +214,30 @@ def train(
 
     With `federation.fit_rounds`, the rounds (and the outer schedule over them) are cut to those that fit the time
     budget at the speed of the first rounds, and fitted again at the pace since (`REFIT_SHARES`) until half the
-    budget is spent; the fitted count is kept in the state."""
+    budget is spent; the fitted count is kept in the state. With `checkpoint`, the state is written there every few
+    seconds (`Checkpointer`), and always when training stops, whatever stops it."""
+    saver = Checkpointer(checkpoint, config, state)
+    try:
+        return _train_rounds(
+            config, transport, info, state, saver, sink=sink, label=label, progress=progress, curve=curve
+        )
+    finally:
+        saver.flush()
+
+
+def _train_rounds(
+    config: RunConfig,
+    transport: Transport,
+    info: FederationInfo,
+    state: ServerState,
+    saver: Checkpointer,
+    *,
+    sink: JsonlSink | None,
+    label: str,
+    progress: bool,
+    curve: Callable[[Params], dict[str, float]] | None,
+) -> ServerState:
+    """`train`'s rounds; each round's state goes to `saver`."""
     plan = scheduled(config, state)
     outer = Outer(plan, info.num_train)
     every = config.eval.curve_every
@@ -284,12 +307,12 @@ def train(
                         state.round, "now" if first else "from here on",
                     )  # fmt: skip
                 timed = []
-        if curve is not None and (state.round % every == 0 or state.round == plan.federation.rounds):
+        scored = curve is not None and (state.round % every == 0 or state.round == plan.federation.rounds)
+        if scored:
             metrics.update(curve(state.params))
         if sink is not None:
             sink.write(metrics)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, config=config, state=state)
+        saver.after_round(state, now=scored)
         shown = {k: v for k, v in metrics.items() if k.startswith(("query_", "unseen_"))}
         bar.update(1)
         if progress:

@@ -3,6 +3,7 @@
 The client runs `inner_steps` steps of SGD on each task (support and query pooled: Reptile has no
 train/test split inside a task) and returns the pseudo-gradient `params - adapted`. With an outer SGD step
 of size epsilon the server moves towards the adapted weights: `params + epsilon * mean(adapted - params)`.
+A task's metrics (`query_loss`, `query_accuracy`) score the adapted weights on the last inner step's minibatch.
 
 Carried Adam state (`carry_state`). The paper's inner loop is Adam with beta1 = 0, and its released code
 (github.com/openai/supervised-reptile, `reptile.py`) restores only the model's weights between tasks: Adam's
@@ -86,8 +87,9 @@ class Reptile(Algorithm):
             carried=self.adaptation_state(params),
         )
         pseudo_grad = {k: weights[k] - fast[k] for k in weights} | self._state_directions(params, state, weights, None)
-        logits = forward(self.model, fast, x).detach()
-        return pseudo_grad, self._metrics(self.loss_fn(logits, y), logits, y)
+        xb, yb = self._scored(x, y, dim=0)
+        logits = forward(self.model, fast, xb).detach()
+        return pseudo_grad, self._metrics(self.loss_fn(logits, yb), logits, yb)
 
     def batch_direction(self, params: Params, batch: TaskBatch) -> tuple[Params, dict[str, Tensor]]:
         directions, metrics = self.task_directions(params, batch)
@@ -109,9 +111,16 @@ class Reptile(Algorithm):
         )
         pseudo_grads = {k: weights[k].unsqueeze(0) - fast[k] for k in weights}
         pseudo_grads |= self._state_directions(params, state, weights, len(batch))
+        xb, yb = self._scored(x, y, dim=1)
         with torch.no_grad():
-            logits = batched.batched_forward(self.model, fast, x)
-        return pseudo_grads, self._batch_metrics(batched.task_losses(self.kind, logits, y), logits, y)
+            logits = batched.batched_forward(self.model, fast, xb)
+        return pseudo_grads, self._batch_metrics(batched.task_losses(self.kind, logits, yb), logits, yb)
+
+    def _scored(self, x: Tensor, y: Tensor, dim: int) -> tuple[Tensor, Tensor]:
+        """The examples a task's metrics score the adapted weights on: its last inner step's minibatch (all
+        of the task without minibatches). Scoring all 50 examples of a 10-shot task instead cost about a fifth
+        of a round of the Omniglot preset (benchmarks/RESULTS.md)."""
+        return self.inner_optimizer.minibatch(x, y, self.inner_steps - 1, dim=dim)
 
 
 class FedAvg(SequentialLocal):

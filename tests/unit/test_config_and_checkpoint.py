@@ -108,6 +108,67 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
 
 
+def _recorded_saves(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The round of every checkpoint written from now on; no write is ever due by the clock alone."""
+    from fedmeta import checkpoint
+
+    rounds: list[int] = []
+
+    def recording(path: Path, *, config: RunConfig, state, baselines=None) -> None:  # noqa: ANN001
+        rounds.append(state.round)
+        save_checkpoint(path, config=config, state=state, baselines=baselines)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", recording)
+    monkeypatch.setattr(checkpoint, "CHECKPOINT_SECONDS", float("inf"))
+    return rounds
+
+
+def test_a_run_checkpoints_after_its_first_round_its_curve_points_and_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from simulations.inprocess import simulate
+    from tests.unit.test_schedule_and_budget import small_run
+
+    saves = _recorded_saves(monkeypatch)
+    config = small_run(**{"federation.rounds": 20, "eval.curve_every": 8, "eval.fedavg_rounds": 0})
+
+    simulate(config, tmp_path, progress=False)
+
+    assert saves == [1, 8, 16, 20]  # not every round: the clock never says one is due
+    assert load_checkpoint(tmp_path / "checkpoint.pt")[1].round == 20
+
+
+def test_an_interrupted_run_checkpoints_its_last_round_and_resumes_to_the_same_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedmeta import loop
+    from simulations.inprocess import simulate
+    from tests.unit.test_schedule_and_budget import small_run
+
+    config = small_run(**{"federation.rounds": 12, "eval.fedavg_rounds": 0})
+    reference = simulate(config, tmp_path / "reference", progress=False)
+    saves = _recorded_saves(monkeypatch)
+    sample = loop.sample_clients
+
+    def interrupted(**kwargs: int) -> list[int]:
+        if kwargs["round_index"] == 7:  # Ctrl-C during round 8
+            raise KeyboardInterrupt
+        return sample(**kwargs)
+
+    monkeypatch.setattr(loop, "sample_clients", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        simulate(config, tmp_path / "run", progress=False)
+    assert saves == [1, 7]  # the first round, then the last one finished before the interruption
+    monkeypatch.setattr(loop, "sample_clients", sample)
+
+    resumed = simulate(config, tmp_path / "run", progress=False, resume=True)
+
+    a, b = (load_checkpoint(tmp_path / name / "checkpoint.pt")[1] for name in ("run", "reference"))
+    assert a.round == b.round == 12
+    assert all(torch.equal(a.params[k], b.params[k]) for k in b.params)
+    assert resumed["results"] == reference["results"]
+
+
 def test_damaged_checkpoints_are_refused(tmp_path: Path) -> None:
     (tmp_path / "junk.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="corrupt or not a fedmeta checkpoint"):

@@ -269,6 +269,29 @@ def test_reptile_with_carried_state_batched_equals_the_reference_in_training_and
     assert moved(carried_pred) < moved(fresh_pred) / 10
 
 
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "reference"])
+def test_reptile_scores_the_adapted_weights_on_the_last_inner_minibatch(batched: bool) -> None:
+    from fedmeta.functional import adapt, forward
+
+    algorithm = _carrying_reptile(batched)
+    params = to_double(algorithm.init_params(torch.Generator().manual_seed(13)))
+    task = image_tasks(1, seed=14)[0]
+    x, y = torch.cat([task.support_x, task.query_x]), torch.cat([task.support_y, task.query_y])
+    weights = algorithm.model_params(params)
+    fast = adapt(
+        algorithm.model, torch.nn.functional.cross_entropy, weights, x, y, steps=3, inner_lr=0.01,
+        optimizer=algorithm.inner_optimizer, carried=algorithm.adaptation_state(params),
+    )  # fmt: skip
+    parts = -(-len(y) // 4)  # minibatches of about 4: step 3 (0-based 2) takes examples 2, 2 + parts, ...
+    last = torch.arange(2 % parts, len(y), parts)
+    logits = forward(algorithm.model, fast, x[last])
+
+    metrics = algorithm.client_update(params, [task]).metrics
+
+    assert metrics["query_loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, y[last]).item(), rel=1e-8)
+    assert metrics["query_accuracy"] == pytest.approx((logits.argmax(1) == y[last]).double().mean().item(), abs=1e-12)
+
+
 @pytest.mark.parametrize(
     "changes",
     [{"algorithm": "fomaml"}, {"outer.optimizer": "adam"}, {"inner.inner_optimizer": "sgd"}],
