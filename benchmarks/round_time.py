@@ -4,12 +4,16 @@ curve), for this checkout's batched engine, its per-task reference path, and opt
     python benchmarks/round_time.py --data-dir ../shared/data --rounds 10
     python benchmarks/round_time.py --data-dir ../shared/data --rounds 10 --before 4179cf4   # + the old code
     python benchmarks/round_time.py --data-dir ../shared/data --rounds 10 --profile          # where time goes
+    python benchmarks/round_time.py --data-dir ../shared/data --presets omniglot-reptile --rounds 400 \
+        --curve-every 0 --before b5486d2 --repeats 3 --no-reference     # one change, in turn, three times
 
 Every variant runs `fedmeta simulate` in its own process, one after another, with the preset's own
-settings except: `--rounds` rounds, the learning curve (20 unseen clients x 2 tasks) every 5 rounds, no FedAvg
-baseline, and a final evaluation of 1 task per unseen client (not counted). Seconds per round are the median
-of rounds 2..N of the `seconds` column of metrics.jsonl (training only: the loop scores the learning curve
-after it), with round 1's warm-up reported apart; the learning curve's cost is in the profile.
+settings except: `--rounds` rounds, the learning curve (20 unseen clients x 2 tasks) every `--curve-every`
+rounds (5; 0: none), no FedAvg baseline, and a final evaluation of 1 task per unseen client (not counted).
+`--repeats` runs the variants in turn that many times (A B A B ...), for ratios on a noisy machine. Seconds
+per round are the median of rounds 2..N of the `seconds` column of metrics.jsonl (training only: the loop
+scores the learning curve after it), with round 1's warm-up reported apart; the learning curve's cost is in
+the profile.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ STAGES = {
 }
 
 
-def simulate_args(preset: str, rounds: int, data_dir: str, out: Path, extra: list[str]) -> list[str]:
+def simulate_args(
+    preset: str, rounds: int, data_dir: str, out: Path, extra: list[str], curve_every: int = 5
+) -> list[str]:
     return [
         "simulate",
         "--preset",
@@ -46,7 +52,7 @@ def simulate_args(preset: str, rounds: int, data_dir: str, out: Path, extra: lis
         "--rounds",
         str(rounds),
         "--curve-every",
-        "5",
+        str(curve_every),
         "--fedavg-rounds",
         "0",
         "--eval-tasks",
@@ -72,7 +78,7 @@ def run_variant(label: str, preset: str, args: argparse.Namespace, *, cwd: Path,
             sys.executable,
             "-m",
             "simulations.cli",
-            *simulate_args(preset, args.rounds, args.data_dir, out, extra),
+            *simulate_args(preset, args.rounds, args.data_dir, out, extra, args.curve_every),
         ]
         # PYTHONPATH first: an older checkout's packages win over this checkout's editable install.
         subprocess.run(
@@ -112,6 +118,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--before", help="also time this git commit (checked out into a temporary worktree)")
     parser.add_argument("--profile", action="store_true", help="also profile the batched engine's rounds")
+    parser.add_argument("--curve-every", type=int, default=5, help="learning-curve interval in rounds (0: none)")
+    parser.add_argument("--repeats", type=int, default=1, help="run the variants in turn this many times")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the per-task reference path")
     args = parser.parse_args()
     args.data_dir = str(Path(args.data_dir).resolve())
     rows = []
@@ -126,10 +135,12 @@ def main() -> None:
         )
     try:
         for preset in args.presets:
-            if worktree is not None:
-                rows.append(run_variant(f"before ({args.before})", preset, args, cwd=worktree, extra=[]))
-            rows.append(run_variant("per-task reference", preset, args, cwd=ROOT, extra=["--task-loop"]))
-            rows.append(run_variant("batched", preset, args, cwd=ROOT, extra=[]))
+            for _ in range(args.repeats):
+                if worktree is not None:
+                    rows.append(run_variant(f"before ({args.before})", preset, args, cwd=worktree, extra=[]))
+                if not args.no_reference:
+                    rows.append(run_variant("per-task reference", preset, args, cwd=ROOT, extra=["--task-loop"]))
+                rows.append(run_variant("batched", preset, args, cwd=ROOT, extra=[]))
             if args.profile:
                 rows.append(profile_round(preset, args))
     finally:

@@ -27,7 +27,9 @@ FORMAT = "fedmeta-checkpoint-v1"
 # A run's checkpoint is written after its process's first round, then once this many seconds have passed since
 # the last write, after every learning-curve point, and when training stops (the end, the budget, an exception
 # such as Ctrl-C): a killed run resumes at most this far behind, to the same bits. Written after every round, it
-# cost 5% of a Reptile round on Omniglot (benchmarks/RESULTS.md).
+# cost 5% of a Reptile round on Omniglot (benchmarks/RESULTS.md). With differential privacy it is still written
+# after every round: the rounds a resume repeats would release fresh noise (unless `reproducible_noise`) on
+# top of what clients already received, which the accountant would not count.
 CHECKPOINT_SECONDS = 5.0
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,9 @@ def save_checkpoint(
 
 
 class Checkpointer:
-    """A run's checkpoint as training goes (`CHECKPOINT_SECONDS`): `after_round` with each round's state (`now`:
-    write it whatever the time), `flush` when training stops. Without a path it writes nothing."""
+    """A run's checkpoint as training goes (`CHECKPOINT_SECONDS`; every round with differential privacy):
+    `after_round` with each round's state (`now`: write it whatever the time), `flush` when training stops.
+    Without a path it writes nothing."""
 
     def __init__(self, path: Path | None, config: RunConfig, state: ServerState) -> None:
         self.path, self.config, self.latest = path, config, state
@@ -69,7 +72,8 @@ class Checkpointer:
 
     def after_round(self, state: ServerState, *, now: bool = False) -> None:
         self.latest = state
-        if self.path is not None and (now or time.monotonic() - self.saved_at >= CHECKPOINT_SECONDS):
+        interval = 0.0 if self.config.privacy.enabled else CHECKPOINT_SECONDS
+        if self.path is not None and (now or time.monotonic() - self.saved_at >= interval):
             self._save()
 
     def flush(self) -> None:

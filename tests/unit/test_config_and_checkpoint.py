@@ -137,6 +137,10 @@ def test_a_run_checkpoints_after_its_first_round_its_curve_points_and_its_end(
     assert saves == [1, 8, 16, 20]  # not every round: the clock never says one is due
     assert load_checkpoint(tmp_path / "checkpoint.pt")[1].round == 20
 
+    saves.clear()  # with differential privacy, every round: a repeated round would release fresh noise
+    simulate(config.replace(**{"privacy.mode": "central"}), tmp_path / "dp", progress=False)
+    assert saves == list(range(1, 21))
+
 
 def test_an_interrupted_run_checkpoints_its_last_round_and_resumes_to_the_same_bits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
