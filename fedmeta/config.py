@@ -53,7 +53,7 @@ INNER_OPTIMIZERS = ("sgd", "adam")
 ADAM_STATES = ("task", "carried")
 OMNIGLOT_PARTITIONS = ("alphabet", "alphabet-drawer", "character")
 OMNIGLOT_SPLITS = ("lake", "vinyals")
-CONV_DOWNSAMPLING = ("stride", "maxpool")
+CONV_DOWNSAMPLING = ("stride", "maxpool", "maxpool3")
 PRIVACY_MODES = ("off", "central", "distributed", "local")
 AGGREGATORS = ("mean", "median", "trimmed-mean")
 DEVICES = ("cpu", "cuda", "auto")
@@ -166,7 +166,8 @@ class DataConfig:
         "stride",
         "omniglot, femnist: how the Conv4 net halves its maps - stride-2 convolutions (MAML's Omniglot net, "
         "256 features) or 2x2 max-pooling after each block (the ProtoNet and Matching Networks papers' net, 64 "
-        "features, about 4x the compute)",
+        "features, about 4x the compute), or max-pooling after the first three blocks only (maxpool3: the same "
+        "compute, a 64x3x3 = 576-number embedding; measured worse for ProtoNet, benchmarks/RESULTS.md)",
         flag="--conv-downsample",
         choices=CONV_DOWNSAMPLING,
     )

@@ -35,14 +35,14 @@ class SinusoidMLP(BodyHead):
         self.head = nn.Linear(hidden, 1)  # (n, 1) -> (n, 1)
 
 
-def _conv_block(in_channels: int, channels: int, downsample: str) -> nn.Sequential:
+def _conv_block(in_channels: int, channels: int, downsample: str, pool: bool) -> nn.Sequential:
     stride = 2 if downsample == "stride" else 1
     layers: list[nn.Module] = [
         nn.Conv2d(in_channels, channels, 3, stride=stride, padding=1),
         nn.BatchNorm2d(channels, track_running_stats=False),
         nn.ReLU(),
     ]
-    if downsample == "maxpool":
+    if pool:
         layers.append(nn.MaxPool2d(2))
     return nn.Sequential(*layers)
 
@@ -51,7 +51,8 @@ class Conv4(BodyHead):
     """4 x [3x3 conv, batch norm, ReLU, stride-2 conv or 2x2 max-pool], then a linear head.
 
     With `out_features=None` there is no head: the flattened features are the output (ProtoNet's embedding).
-    On 28x28 inputs: stride gives 64x2x2 = 256 features (MAML's Omniglot net); maxpool gives 64x1x1.
+    On 28x28 inputs: stride gives 64x2x2 = 256 features (MAML's Omniglot net); maxpool gives 64x1x1 (the
+    ProtoNet paper's); maxpool3, the same net without its last max-pool, 64x3x3 = 576.
     """
 
     def __init__(
@@ -64,10 +65,12 @@ class Conv4(BodyHead):
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        if downsample not in ("stride", "maxpool"):
-            raise ValueError(f"downsample must be 'stride' or 'maxpool', got {downsample!r}")
+        if downsample not in ("stride", "maxpool", "maxpool3"):
+            raise ValueError(f"downsample must be 'stride', 'maxpool' or 'maxpool3', got {downsample!r}")
+        pools = {"stride": 0, "maxpool": 4, "maxpool3": 3}[downsample]
         self.body = nn.Sequential(
-            *[_conv_block(in_channels if i == 0 else channels, channels, downsample) for i in range(4)], nn.Flatten()
+            *[_conv_block(in_channels if i == 0 else channels, channels, downsample, i < pools) for i in range(4)],
+            nn.Flatten(),
         )
         with torch.no_grad():
             maps = self.body[:-1](torch.zeros(2, in_channels, image_size, image_size))

@@ -81,9 +81,9 @@ def test_batched_client_update_equals_the_reference_on_regression(name: str) -> 
     assert_updates_equal(actual, expected)
 
 
-@pytest.mark.parametrize("name", ["maml", "protonet"])
-def test_maxpool_conv4_batched_equals_reference(name: str) -> None:
-    model = conv_model(name, downsample="maxpool")
+@pytest.mark.parametrize("name, downsample", [("maml", "maxpool"), ("protonet", "maxpool"), ("protonet", "maxpool3")])
+def test_maxpool_conv4_batched_equals_reference(name: str, downsample: str) -> None:
+    model = conv_model(name, downsample=downsample)
     reference = build(name, model, kind="classification", batched=False)
     params = to_double(reference.init_params(torch.Generator().manual_seed(3)))
     tasks = image_tasks(3, seed=3)
@@ -223,7 +223,7 @@ def test_shared_weights_forward_equals_per_task_views_and_sums_their_gradients()
         torch.testing.assert_close(g_shared[k], g_views[k], atol=1e-10, rtol=1e-10)
 
 
-@pytest.mark.parametrize("downsample", ["stride", "maxpool"])
+@pytest.mark.parametrize("downsample", ["stride", "maxpool", "maxpool3"])
 @pytest.mark.parametrize("shared", [True, False])
 def test_channels_last_layout_is_the_same_function_with_the_same_gradients(downsample: str, shared: bool) -> None:
     # Shared weights then run as a grouped convolution with the weights repeated over tasks: the gradient must

@@ -38,15 +38,17 @@ def test_bad_config_values_name_the_offending_value(override: dict, message: str
         RunConfig().replace(**override)
 
 
-@pytest.mark.parametrize("downsample, features", [("stride", 64 * 2 * 2), ("maxpool", 64)])
-def test_conv_downsample_builds_that_network(downsample: str, features: int) -> None:
+@pytest.mark.parametrize(
+    "downsample, features, max_pools", [("stride", 64 * 2 * 2, 0), ("maxpool", 64, 4), ("maxpool3", 64 * 3 * 3, 3)]
+)
+def test_conv_downsample_builds_that_network(downsample: str, features: int, max_pools: int) -> None:
     config = RunConfig().replace(
         **{"algorithm": "protonet", "data.dataset": "omniglot", "data.conv_downsample": downsample}
     )
     model = build_run_algorithm(config, "classification", None).model
     pools = [m for m in model.modules() if isinstance(m, torch.nn.MaxPool2d)]
     strides = {m.stride for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
-    assert (len(pools), strides) == ((4, {(1, 1)}) if downsample == "maxpool" else (0, {(2, 2)}))
+    assert (len(pools), strides) == (max_pools, {(2, 2)} if downsample == "stride" else {(1, 1)})
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, features)
 
 
