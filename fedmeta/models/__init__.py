@@ -35,6 +35,10 @@ class SinusoidMLP(BodyHead):
         self.head = nn.Linear(hidden, 1)  # (n, 1) -> (n, 1)
 
 
+# Conv4's ways of halving its maps (`data.conv_downsample`): how many of its four blocks end in a 2x2 max-pool.
+POOLED_BLOCKS = {"stride": 0, "maxpool": 4, "maxpool3": 3}
+
+
 def _conv_block(in_channels: int, channels: int, downsample: str, pool: bool) -> nn.Sequential:
     stride = 2 if downsample == "stride" else 1
     layers: list[nn.Module] = [
@@ -65,9 +69,9 @@ class Conv4(BodyHead):
         image_size: int = 28,
     ) -> None:
         super().__init__()
-        if downsample not in ("stride", "maxpool", "maxpool3"):
-            raise ValueError(f"downsample must be 'stride', 'maxpool' or 'maxpool3', got {downsample!r}")
-        pools = {"stride": 0, "maxpool": 4, "maxpool3": 3}[downsample]
+        if downsample not in POOLED_BLOCKS:
+            raise ValueError(f"downsample must be one of {tuple(POOLED_BLOCKS)}, got {downsample!r}")
+        pools = POOLED_BLOCKS[downsample]
         self.body = nn.Sequential(
             *[_conv_block(in_channels if i == 0 else channels, channels, downsample, i < pools) for i in range(4)],
             nn.Flatten(),
