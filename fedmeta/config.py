@@ -171,11 +171,18 @@ class DataConfig:
         flag="--conv-downsample",
         choices=CONV_DOWNSAMPLING,
     )
+    conv_channels: int = option(
+        64,
+        "omniglot, femnist: the Conv4 net's channels per block (64 in the MAML and ProtoNet papers; the compute "
+        "grows about with its square)",
+        flag="--conv-channels",
+    )
 
     def __post_init__(self) -> None:
         _require(self.dataset in DATASETS, f"dataset must be one of {DATASETS}, got {self.dataset!r}")
         _positive_int("min_samples", self.min_samples)
         _positive_int("lstm_hidden", self.lstm_hidden)
+        _positive_int("conv_channels", self.conv_channels)
         _require(
             self.conv_downsample in CONV_DOWNSAMPLING,
             f"conv_downsample must be one of {CONV_DOWNSAMPLING}, got {self.conv_downsample!r}",

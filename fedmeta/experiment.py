@@ -455,6 +455,7 @@ def build_run_algorithm(config: RunConfig, kind: str, num_global_outputs: int | 
         config.data.dataset,
         out_features=out,
         downsample=config.data.conv_downsample,
+        channels=config.data.conv_channels,
         lstm_hidden=config.data.lstm_hidden,
     )
     c = config.compute

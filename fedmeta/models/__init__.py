@@ -130,12 +130,17 @@ class CharLSTM(BodyHead):
 
 
 def build_model(
-    dataset: str, *, out_features: int | None, downsample: str = "stride", lstm_hidden: int = 256
+    dataset: str,
+    *,
+    out_features: int | None,
+    downsample: str = "stride",
+    channels: int = 64,
+    lstm_hidden: int = 256,
 ) -> nn.Module:
     if dataset == "sinusoid":
         return SinusoidMLP()
     if dataset in ("omniglot", "femnist"):  # both 28x28 grey images
-        return Conv4(out_features, downsample=downsample)
+        return Conv4(out_features, channels=channels, downsample=downsample)
     if dataset == "shakespeare":
         if out_features is None:
             raise ValueError("the Shakespeare model predicts characters: it needs the vocabulary size")

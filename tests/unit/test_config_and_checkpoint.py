@@ -31,6 +31,7 @@ from simulations.cli import load_preset, main
         ({"data.drawers_per_client": 3}, "drawers_per_client must divide the 20 Omniglot drawers, got 3"),
         ({"algorithm": "protonet"}, "protonet is a classification method"),
         ({"data.conv_downsample": "avgpool"}, "conv_downsample must be one of .* got 'avgpool'"),
+        ({"data.conv_channels": 0}, "conv_channels must be a positive integer, got 0"),
     ],
 )
 def test_bad_config_values_name_the_offending_value(override: dict, message: str) -> None:
@@ -50,6 +51,20 @@ def test_conv_downsample_builds_that_network(downsample: str, features: int, max
     strides = {m.stride for m in model.modules() if isinstance(m, torch.nn.Conv2d)}
     assert (len(pools), strides) == (max_pools, {(2, 2)} if downsample == "stride" else {(1, 1)})
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, features)
+
+
+@pytest.mark.parametrize("downsample, features", [("stride", 2 * 2), ("maxpool", 1)])
+def test_conv_channels_sets_every_block_and_the_embedding(downsample: str, features: int) -> None:
+    config = RunConfig().replace(
+        **{"algorithm": "protonet", "data.dataset": "omniglot", "data.conv_downsample": downsample}
+    )
+    wide = config.replace(**{"data.conv_channels": 96})
+    model = build_run_algorithm(wide, "classification", None).model
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 96), (96, 96), (96, 96), (96, 96)]
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 96 * features)
+    default = build_run_algorithm(config, "classification", None).model
+    assert {m.out_channels for m in default.modules() if isinstance(m, torch.nn.Conv2d)} == {64}
 
 
 def test_unknown_config_keys_are_errors() -> None:
