@@ -25,6 +25,7 @@ EVALUATE_KEYS = (
     "data.data_dir",
     "data.split",
     "inner.eval_steps",
+    "inner.inner_lr",
     "eval.eval_clients",
     "eval.eval_tasks_per_client",
     "episode.ways",
@@ -53,11 +54,19 @@ def config_options() -> list[tuple[str, str, dataclasses.Field]]:
 
 
 def _add_config_option(
-    parser: argparse.ArgumentParser | argparse._ArgumentGroup, flag: str, key: str, f: dataclasses.Field
+    parser: argparse.ArgumentParser | argparse._ArgumentGroup,
+    flag: str,
+    key: str,
+    f: dataclasses.Field,
+    *,
+    saved: bool = False,
 ) -> None:
+    """The option for config field `f`; `saved`: unset, it keeps a saved run's value (`fedmeta evaluate`)."""
     kind = TYPES[str(f.type).split("|")[0].strip()]
     choices = ALGORITHM_NAMES if key == "algorithm" else f.metadata.get("choices")
     shown = "" if f.default is None else f" (default: {f.default})"  # an unset default is explained in the help
+    if saved:
+        shown = " (default: the checkpoint's)"
     if kind is bool:  # a flag turns the default around: --secagg turns on, --task-loop turns batching off
         parser.add_argument(
             flag, dest=key, action="store_false" if f.default else "store_true", default=None, help=f.metadata["help"]
@@ -150,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="where summary.json goes (default: beside the checkpoint)")
     for flag, key, f in config_options():
         if key in EVALUATE_KEYS:  # the saved run's value unless given (ProtoNet evaluates at any --ways)
-            _add_config_option(ev, flag, key, f)
+            _add_config_option(ev, flag, key, f, saved=True)
     ev.add_argument("--no-progress", action="store_true")
 
     srv = sub.add_parser("server", help="start a Flower SuperLink for a real deployment (runs in the foreground)")

@@ -52,6 +52,10 @@ def evaluate_checkpoint(
     _set_up_process(config)
     transport = InProcess(progress=progress)
     experiment = transport.experiment(config)
+    if config.inner.inner_lr != trained.inner.inner_lr:
+        refusal = experiment.algorithm.fixed_rate_refusal(state.params)
+        if refusal is not None:
+            raise ConfigError(f"--inner-lr does not apply to this {config.algorithm} model: {refusal}")
     if config.data.split != trained.data.split:
         _refuse_seen_characters(trained, config, experiment.federation)
     models = {"meta": state.params, "random_init": experiment.initial_params(), **baselines}

@@ -237,6 +237,15 @@ class Algorithm(ABC):
     def adaptation_lr(self, params: Params) -> InnerLR:
         return self.inner_lr
 
+    def fixed_rate_refusal(self, params: Params) -> str | None:
+        """Why adaptation does not step at the fixed `inner_lr` (so another rate means nothing), or None when it
+        does: `fedmeta evaluate --inner-lr` asks this before evaluating a checkpoint at another rate."""
+        if self.embedding_only:
+            return "it classifies by comparing embeddings, with no inner loop"
+        if not isinstance(self.adaptation_lr(params), int | float):
+            return "its inner learning rates are learned meta-parameters, saved in the checkpoint"
+        return None
+
     def adapt_keys(self, params: Params) -> set[str] | None:
         return None  # all parameters
 

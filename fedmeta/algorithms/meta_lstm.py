@@ -76,6 +76,9 @@ class MetaLSTM(Algorithm):
     def model_params(self, params: Params) -> Params:
         return {k: v for k, v in params.items() if not k.startswith(PREFIX)}
 
+    def fixed_rate_refusal(self, params: Params) -> str | None:
+        return "its learned LSTM optimizer takes the inner steps (the inner rate only sets its gates' start)"
+
     def trajectory(self, params: Params, task: Task, steps: int) -> Iterator[Params]:
         """The learner's weights after 0..steps meta-learner steps on the support set (differentiable in the
         gates and the initial weights; the gradients and losses fed in are constants)."""

@@ -131,6 +131,39 @@ def test_cli_simulate_then_evaluate(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert again["results"]["fedavg"]["over_tasks"] == first["results"]["fedavg"]["over_tasks"]
 
 
+def test_evaluate_adapts_at_another_inner_rate_where_the_rate_is_fixed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`fedmeta evaluate --inner-lr` re-runs the same evaluation with adaptation stepping at the given rate: the
+    unadapted metric is unchanged, and a rate too small to move the weights leaves every step's metric where it
+    started. Models whose rates are learned (Meta-SGD) refuse it in one line: a rate would mean nothing there."""
+    run = tmp_path / "run"
+    simulate(small_config(algorithm="maml", **{"eval.fedavg_rounds": 0}), run, progress=False)
+    args = ["--eval-steps", "3", "--no-progress"]
+    still_out = ["--inner-lr", "1e-12", "--out", str(tmp_path / "still")]
+    assert main(["evaluate", str(run / "checkpoint.pt"), *still_out, *args]) == 0
+
+    trained = json.loads((run / "summary.json").read_text())
+    still = json.loads((tmp_path / "still" / "summary.json").read_text())
+    assert still["config"]["inner"]["inner_lr"] == 1e-12 and trained["config"]["inner"]["inner_lr"] == 0.02
+    moved, frozen = ([s["mean"] for s in summary["results"]["meta"]["over_tasks"]] for summary in (trained, still))
+    assert frozen[0] == moved[0]  # before any step: the same tasks, the same model
+    assert frozen == pytest.approx([frozen[0]] * 4, rel=1e-6)
+    assert moved[3] < moved[0]  # at the trained rate, three steps lower the MSE
+
+    metasgd = tmp_path / "metasgd"
+    simulate(small_config(algorithm="metasgd", **{"eval.fedavg_rounds": 0}), metasgd, progress=False)
+    capsys.readouterr()
+    assert main(["evaluate", str(metasgd / "checkpoint.pt"), "--inner-lr", "0.1", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "fedmeta: error: --inner-lr does not apply to this metasgd model: its inner learning rates are learned "
+        "meta-parameters, saved in the checkpoint"
+    ]
+    assert main(["evaluate", str(metasgd / "checkpoint.pt"), "--inner-lr", "-1", *args]) == 2
+    assert "inner_lr" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("algorithm", ["protonet", "maml", "anil"])
 def test_classification_pipeline_on_a_tiny_omniglot(tmp_path: Path, algorithm: str) -> None:
     from tests.unit.test_tasks import _write_zip

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedmeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from fedmeta.config import ConfigError, RunConfig
+from fedmeta.config import ALGORITHM_NAMES, ConfigError, RunConfig
 from fedmeta.evaluation import mean_ci95, summarise
 from fedmeta.experiment import build_run_algorithm
 from fedmeta.round import init_state
@@ -65,6 +65,24 @@ def test_conv_channels_sets_every_block_and_the_embedding(downsample: str, featu
     assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 96 * features)
     default = build_run_algorithm(config, "classification", None).model
     assert {m.out_channels for m in default.modules() if isinstance(m, torch.nn.Conv2d)} == {64}
+
+
+def test_only_models_that_step_at_the_fixed_inner_rate_take_another_at_evaluation() -> None:
+    """`fedmeta evaluate --inner-lr` asks `fixed_rate_refusal`: a rate means something only where adaptation
+    steps at `inner_lr` - not for learned rates (Meta-SGD, MAML++'s LSLR), a learned optimizer (Meta-LSTM), or
+    metric-based methods, which have no inner loop."""
+
+    def refusal(algorithm: str, **options: object) -> str | None:
+        config = RunConfig().replace(**{"algorithm": algorithm, "data.dataset": "omniglot", **options})
+        built = build_run_algorithm(config, "classification", 20)
+        return built.fixed_rate_refusal(built.init_params(torch.Generator().manual_seed(0)))
+
+    fixed = {name for name in ALGORITHM_NAMES if refusal(name) is None}
+    assert fixed == {"maml", "fomaml", "anil", "reptile", "perfedavg", "perfedavg-hf", "fedrep"}
+    assert "learned meta-parameters" in refusal("metasgd") and "learned meta-parameters" in refusal(
+        "maml", **{"maml.per_step_lr": True}
+    )
+    assert "no inner loop" in refusal("protonet") and "LSTM" in refusal("metalstm")
 
 
 def test_unknown_config_keys_are_errors() -> None:
