@@ -26,7 +26,8 @@ def mean_ci95(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     array = np.asarray(values, dtype=np.float64)
     if array.size == 0:
         raise ValueError("no values to summarise")
-    half = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else 0.0
+    with np.errstate(invalid="ignore", over="ignore"):  # a diverged adaptation's inf: shown as "not finite"
+        half = 1.96 * array.std(ddof=1) / math.sqrt(array.size) if array.size > 1 else 0.0
     return {"mean": float(array.mean()), "ci95": float(half), "n": int(array.size)}
 
 

@@ -64,9 +64,12 @@ def _add_config_option(
     """The option for config field `f`; `saved`: unset, it keeps a saved run's value (`fedmeta evaluate`)."""
     kind = TYPES[str(f.type).split("|")[0].strip()]
     choices = ALGORITHM_NAMES if key == "algorithm" else f.metadata.get("choices")
-    shown = "" if f.default is None else f" (default: {f.default})"  # an unset default is explained in the help
     if saved:
         shown = " (default: the checkpoint's)"
+    elif f.default is None:  # an unset default is explained in the help
+        shown = ""
+    else:
+        shown = f" (default: {f.default})"
     if kind is bool:  # a flag turns the default around: --secagg turns on, --task-loop turns batching off
         parser.add_argument(
             flag, dest=key, action="store_false" if f.default else "store_true", default=None, help=f.metadata["help"]

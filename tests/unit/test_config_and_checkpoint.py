@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -223,6 +224,15 @@ def test_mean_ci95_matches_numpy() -> None:
     assert result["mean"] == pytest.approx(values.mean())
     assert result["ci95"] == pytest.approx(1.96 * values.std(ddof=1) / np.sqrt(50))
     assert mean_ci95([3.0]) == {"mean": 3.0, "ci95": 0.0, "n": 1}
+
+
+def test_mean_ci95_of_a_diverged_adaptation_is_not_finite_without_a_numpy_warning() -> None:
+    """Too high an adaptation rate sends some tasks' loss to inf: the table says "not finite", and numpy's
+    "invalid value encountered in subtract" must not reach the user's terminal."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = mean_ci95([0.5, float("inf")])
+    assert result["mean"] == float("inf") and not np.isfinite(result["ci95"]) and result["n"] == 2
 
 
 def test_summary_separates_tasks_and_clients() -> None:
